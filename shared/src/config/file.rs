@@ -1,0 +1,276 @@
+//! Reading and validating the YAML configuration file.
+//!
+//! Every error names the file, the field (as a path such as `workloads[2].ips[0]`) and
+//! the reason, so an operator can fix it without reading our source. Callers keep the
+//! last good [`Config`] when loading fails.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use super::model::{Config, Service};
+use super::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};
+use crate::identity::validate_component;
+
+/// A configuration file that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The file that was read.
+    pub file: PathBuf,
+    /// Path of the offending field, e.g. `workloads[2].ips[0]`; empty for the whole file.
+    pub field: String,
+    /// What is wrong, in words an operator can act on.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "invalid config {}: {}", self.file.display(), self.reason)
+        } else {
+            write!(
+                f,
+                "invalid config {}: field `{}`: {}",
+                self.file.display(),
+                self.field,
+                self.reason
+            )
+        }
+    }
+}
+
+/// Reads, parses and validates a config file.
+pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        field: String::new(),
+        reason: format!("cannot read file: {e}"),
+    })?;
+    parse_str(path, &text)
+}
+
+/// Parses and validates config text; `path` is only used in errors.
+pub fn parse_str(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let err = |field: String, reason: String| ConfigError {
+        file: path.to_path_buf(),
+        field,
+        reason,
+    };
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let field = if field == "." { String::new() } else { field };
+        let reason = e.into_inner().to_string();
+        // serde_yaml_ng repeats the parent path in its message; the field already says it.
+        let reason = match reason.split_once(": ") {
+            Some((prefix, rest)) if !prefix.contains(' ') && field.starts_with(prefix) => {
+                rest.to_string()
+            }
+            _ => reason,
+        };
+        err(field, reason)
+    })?;
+    validate(&config).map_err(|(field, reason)| err(field, reason))?;
+    Ok(config)
+}
+
+type Invalid = (String, String);
+
+fn validate(c: &Config) -> Result<(), Invalid> {
+    validate_component("trust domain", &c.trust_domain)
+        .map_err(|e| ("trustDomain".into(), e.to_string()))?;
+    for (section, len) in [
+        ("policies", c.policies.len()),
+        ("waypoints", c.waypoints.len()),
+        ("routes", c.routes.len()),
+    ] {
+        if len > 0 {
+            return Err((
+                section.into(),
+                format!(
+                    "`{section}` are not supported by this version of Ambit yet; remove the section"
+                ),
+            ));
+        }
+    }
+
+    let mut namespaces = BTreeMap::new();
+    for (i, ns) in c.namespaces.iter().enumerate() {
+        let at = format!("namespaces[{i}]");
+        validate_component("namespace", &ns.name)
+            .map_err(|e| (format!("{at}.name"), e.to_string()))?;
+        if namespaces.insert(ns.name.as_str(), i).is_some() {
+            return Err((
+                format!("{at}.name"),
+                format!("namespace `{}` is declared twice", ns.name),
+            ));
+        }
+        check_mode_label(&ns.labels, &format!("{at}.labels"))?;
+    }
+
+    let mut names = HashMap::new();
+    let mut owners: HashMap<IpAddr, String> = HashMap::new();
+    for (i, w) in c.workloads.iter().enumerate() {
+        let at = format!("workloads[{i}]");
+        validate_component("workload name", &w.name)
+            .map_err(|e| (format!("{at}.name"), e.to_string()))?;
+        if !namespaces.contains_key(w.namespace.as_str()) {
+            return Err((
+                format!("{at}.namespace"),
+                format!(
+                    "namespace `{}` is not declared under `namespaces`",
+                    w.namespace
+                ),
+            ));
+        }
+        validate_component("service account", &w.service_account)
+            .map_err(|e| (format!("{at}.serviceAccount"), e.to_string()))?;
+        if w.node.is_empty() {
+            return Err((
+                format!("{at}.node"),
+                "must name the node the workload runs on".into(),
+            ));
+        }
+        if names
+            .insert((w.namespace.as_str(), w.name.as_str()), i)
+            .is_some()
+        {
+            return Err((
+                format!("{at}.name"),
+                format!("workload `{}/{}` is declared twice", w.namespace, w.name),
+            ));
+        }
+        if w.ips.is_empty() {
+            return Err((
+                format!("{at}.ips"),
+                "a workload needs at least one IP".into(),
+            ));
+        }
+        for (j, ip) in w.ips.iter().enumerate() {
+            if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+                return Err((
+                    format!("{at}.ips[{j}]"),
+                    format!("{ip} cannot be a workload address"),
+                ));
+            }
+            let owner = format!("{}/{}", w.namespace, w.name);
+            if let Some(prev) = owners.insert(*ip, owner) {
+                return Err((
+                    format!("{at}.ips[{j}]"),
+                    format!("{ip} is already the address of workload `{prev}`"),
+                ));
+            }
+        }
+        check_mode_label(&w.labels, &format!("{at}.labels"))?;
+    }
+
+    let mut services = HashMap::new();
+    for (i, s) in c.services.iter().enumerate() {
+        validate_service(s, &format!("services[{i}]"), &namespaces, &names)?;
+        if services
+            .insert((s.namespace.as_str(), s.name.as_str()), i)
+            .is_some()
+        {
+            return Err((
+                format!("services[{i}].name"),
+                format!("service `{}/{}` is declared twice", s.namespace, s.name),
+            ));
+        }
+        for (j, vip) in s.vips.iter().enumerate() {
+            if let Some(prev) = owners.insert(*vip, format!("{}/{}", s.namespace, s.name)) {
+                return Err((
+                    format!("services[{i}].vips[{j}]"),
+                    format!("{vip} is already used by `{prev}`"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_service(
+    s: &Service,
+    at: &str,
+    namespaces: &BTreeMap<&str, usize>,
+    workloads: &HashMap<(&str, &str), usize>,
+) -> Result<(), Invalid> {
+    validate_component("service name", &s.name)
+        .map_err(|e| (format!("{at}.name"), e.to_string()))?;
+    if !namespaces.contains_key(s.namespace.as_str()) {
+        return Err((
+            format!("{at}.namespace"),
+            format!(
+                "namespace `{}` is not declared under `namespaces`",
+                s.namespace
+            ),
+        ));
+    }
+    if s.ports.is_empty() {
+        return Err((
+            format!("{at}.ports"),
+            "a service needs at least one port".into(),
+        ));
+    }
+    for (j, p) in s.ports.iter().enumerate() {
+        if p.port == 0 || p.target_port == Some(0) {
+            return Err((
+                format!("{at}.ports[{j}]"),
+                "port 0 is not a valid service port".into(),
+            ));
+        }
+    }
+    match (&s.selector, &s.endpoints) {
+        (Some(_), Some(_)) => {
+            return Err((
+                at.to_string(),
+                "set either `selector` or `endpoints`, not both".into(),
+            ));
+        }
+        (None, None) => {
+            return Err((
+                at.to_string(),
+                "set `selector` or `endpoints` so the service has backends".into(),
+            ));
+        }
+        (None, Some(eps)) => {
+            for (j, ep) in eps.iter().enumerate() {
+                let field = format!("{at}.endpoints[{j}]");
+                match (&ep.workload, &ep.ip) {
+                    (Some(w), None) => {
+                        if !workloads.contains_key(&(s.namespace.as_str(), w.as_str())) {
+                            return Err((
+                                format!("{field}.workload"),
+                                format!("no workload `{w}` in namespace `{}`", s.namespace),
+                            ));
+                        }
+                    }
+                    (None, Some(_)) => {}
+                    _ => {
+                        return Err((
+                            field,
+                            "an endpoint sets exactly one of `workload` or `ip`".into(),
+                        ));
+                    }
+                }
+            }
+        }
+        (Some(_), None) => {}
+    }
+    Ok(())
+}
+
+fn check_mode_label(labels: &BTreeMap<String, String>, at: &str) -> Result<(), Invalid> {
+    match labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
+        None | Some(DATAPLANE_MODE_AMBIENT) | Some(DATAPLANE_MODE_NONE) => Ok(()),
+        Some(other) => Err((
+            format!("{at}.{DATAPLANE_MODE_LABEL}"),
+            format!(
+                "`{other}` is not a data-plane mode; use `{DATAPLANE_MODE_AMBIENT}` or `{DATAPLANE_MODE_NONE}`"
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,150 @@
+use std::path::Path;
+
+use super::*;
+
+const GOOD: &str = r#"
+trustDomain: cluster.local
+namespaces:
+  - name: shop
+    labels: { ambit.dev/dataplane-mode: ambient }
+  - name: legacy
+workloads:
+  - name: web-1
+    namespace: shop
+    serviceAccount: web
+    ips: [10.1.1.2]
+    node: node-a
+    labels: { app: web }
+  - name: batch
+    namespace: shop
+    ips: [10.1.1.3]
+    node: node-a
+    labels: { ambit.dev/dataplane-mode: none }
+  - name: old
+    namespace: legacy
+    ips: [10.1.2.2]
+    node: node-b
+services:
+  - name: web
+    namespace: shop
+    vips: [10.96.0.10]
+    ports: [{ port: 80, targetPort: 8080 }]
+    selector: { app: web }
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    parse_str(Path::new("/etc/ambit/config.yaml"), text)
+}
+
+#[test]
+fn parses_and_enrolls_by_namespace_label() {
+    let c = parse(GOOD).expect("good config parses");
+    let enrolled: Vec<_> = c
+        .workloads
+        .iter()
+        .filter(|w| c.is_enrolled(w))
+        .map(|w| w.name.as_str())
+        .collect();
+    assert_eq!(enrolled, ["web-1"]);
+    let web = c
+        .workload_by_ip("10.1.1.2".parse().expect("ip"))
+        .expect("web-1 by ip");
+    assert_eq!(
+        c.identity_of(web).expect("identity").to_string(),
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
+    let batch = &c.workloads[1];
+    assert_eq!(batch.service_account, "default");
+}
+
+fn expect_error(text: &str, field: &str, reason_contains: &str) {
+    let e = parse(text).expect_err("config must be rejected");
+    assert_eq!(e.file, Path::new("/etc/ambit/config.yaml"));
+    assert_eq!(e.field, field, "wrong field in: {e}");
+    assert!(
+        e.reason.contains(reason_contains),
+        "reason `{}` lacks `{reason_contains}`",
+        e.reason
+    );
+    let shown = e.to_string();
+    assert!(
+        shown.contains("/etc/ambit/config.yaml") && shown.contains(field),
+        "{shown}"
+    );
+}
+
+#[test]
+fn names_field_for_bad_ip() {
+    expect_error(
+        &GOOD.replace("[10.1.2.2]", "[10.1.2.300]"),
+        "workloads[2].ips[0]",
+        "invalid IP",
+    );
+}
+
+#[test]
+fn names_field_for_unknown_key() {
+    expect_error(
+        &GOOD.replace("serviceAccount: web", "serviceAcount: web"),
+        "workloads[0].serviceAcount",
+        "unknown field `serviceAcount`, expected one of",
+    );
+}
+
+#[test]
+fn rejects_duplicate_ip() {
+    expect_error(
+        &GOOD.replace("[10.1.2.2]", "[10.1.1.2]"),
+        "workloads[2].ips[0]",
+        "already the address of workload `shop/web-1`",
+    );
+}
+
+#[test]
+fn rejects_undeclared_namespace() {
+    expect_error(
+        &GOOD.replace("namespace: legacy", "namespace: legacyy"),
+        "workloads[2].namespace",
+        "not declared",
+    );
+}
+
+#[test]
+fn rejects_bad_mode_label() {
+    expect_error(
+        &GOOD.replace("dataplane-mode: ambient", "dataplane-mode: ambiant"),
+        "namespaces[0].labels.ambit.dev/dataplane-mode",
+        "not a data-plane mode",
+    );
+}
+
+#[test]
+fn rejects_unsupported_sections() {
+    expect_error(
+        &format!("{GOOD}policies: [{{name: x}}]\n"),
+        "policies",
+        "not supported",
+    );
+}
+
+#[test]
+fn rejects_service_without_backends() {
+    expect_error(
+        &GOOD.replace("    selector: { app: web }\n", ""),
+        "services[0]",
+        "set `selector` or `endpoints`",
+    );
+}
+
+#[test]
+fn rejects_garbage_without_panicking() {
+    for text in [
+        "",
+        "[",
+        "trustDomain: [1, 2]",
+        "\u{0}\u{1}",
+        "trustDomain: cluster.local\nworkloads: 3",
+    ] {
+        assert!(parse(text).is_err(), "{text:?}");
+    }
+}

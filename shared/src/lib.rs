@@ -1,0 +1,54 @@
+//! Ambit's shared library, used by the node tunnel and (later) the waypoint.
+//!
+//! Dependencies point down this list only:
+//! - [`identity`]: SPIFFE identities, parsed once at the boundary.
+//! - [`config`]: the configuration model and its YAML file source.
+//! - [`ca`]: the local certificate authority for file/dev mode.
+//! - [`tls`]: rustls configurations that check SPIFFE identities.
+//! - [`hbone`]: HTTP/2 CONNECT tunnels (client pool, server helpers, stream adapter).
+//! - [`copy`]: bidirectional byte copying with counters.
+//!
+//! Feature flags: `testing` exposes helpers for tests.
+#![deny(missing_docs)]
+
+pub mod ca;
+pub mod config;
+pub mod copy;
+pub mod hbone;
+pub mod identity;
+pub mod tls;
+
+/// Well-known ports, the same as Istio's so operators feel at home.
+pub mod ports {
+    /// Outbound capture listener inside each enrolled pod.
+    pub const OUTBOUND: u16 = 15001;
+    /// Inbound plaintext capture listener inside each enrolled pod.
+    pub const INBOUND_PLAINTEXT: u16 = 15006;
+    /// HBONE (HTTP/2 CONNECT over mutual TLS).
+    pub const HBONE: u16 = 15008;
+    /// DNS proxy.
+    pub const DNS: u16 = 15053;
+    /// Readiness.
+    pub const READINESS: u16 = 15021;
+    /// Prometheus metrics.
+    pub const METRICS: u16 = 15020;
+    /// Admin (localhost only).
+    pub const ADMIN: u16 = 15000;
+
+    /// Ports that belong to the proxy itself: traffic addressed to them by an
+    /// application is refused, so a pod can never loop traffic through its own tunnel.
+    pub const RESERVED: [u16; 7] = [
+        OUTBOUND,
+        INBOUND_PLAINTEXT,
+        HBONE,
+        DNS,
+        READINESS,
+        METRICS,
+        ADMIN,
+    ];
+
+    /// True if `port` is one of the proxy's own ports.
+    pub fn is_reserved(port: u16) -> bool {
+        RESERVED.contains(&port)
+    }
+}
