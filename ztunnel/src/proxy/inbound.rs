@@ -1,0 +1,147 @@
+//! Inbound HBONE (15008): verify the client certificate, check the CONNECT, deliver to the
+//! app inside the pod.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_shared::copy;
+use ambit_shared::hbone::parse_connect;
+use ambit_shared::hbone::request::{RequestError, forwarded_client};
+use ambit_shared::hbone::server::{self, Incoming};
+use ambit_shared::identity::Identity;
+use ambit_shared::ports;
+use ambit_shared::tls;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::outbound::ignore_close;
+use super::{AccessLog, Pod, ProxyContext};
+use crate::capture::{DELIVERY_ADDR, connect_in};
+
+/// Bound on the TLS handshake, so idle or slow peers cannot hold sockets forever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds the TLS acceptor for `pod`: its certificate, client certificates required.
+pub fn acceptor(pod: &Pod, ctx: &ProxyContext) -> Result<TlsAcceptor, tls::TlsError> {
+    let config = tls::server_config(pod.cert.slot.clone(), &ctx.bundle, &ctx.trust_domain)?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves one HBONE connection.
+pub async fn handle(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    pod: Arc<Pod>,
+    ctx: Arc<ProxyContext>,
+) {
+    let span = info_span!("inbound", peer = %peer, pod = %pod.workload());
+    async move {
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                warn!(error = %e, "HBONE TLS handshake failed; connection refused");
+                return;
+            }
+            Err(_) => {
+                warn!("HBONE TLS handshake timed out; connection refused");
+                return;
+            }
+        };
+        let peer_identity = match tls::peer_identity(tls.get_ref().1.peer_certificates()) {
+            Ok(id) => id,
+            Err(e) => {
+                // The verifier already demanded a SPIFFE identity; this is belt and braces.
+                warn!(error = %e, "HBONE peer has no usable identity; connection refused");
+                return;
+            }
+        };
+        debug!(peer_identity = %peer_identity, "HBONE connection established");
+        let result = server::serve(tls, |incoming| {
+            stream(
+                incoming,
+                peer,
+                peer_identity.clone(),
+                pod.clone(),
+                ctx.clone(),
+            )
+            .in_current_span()
+        })
+        .await;
+        if let Err(e) = result {
+            debug!(error = %e, "HBONE connection ended with an error");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn stream(
+    incoming: Incoming,
+    peer: SocketAddr,
+    peer_identity: Identity,
+    pod: Arc<Pod>,
+    _ctx: Arc<ProxyContext>,
+) {
+    let src = forwarded_client(&incoming.request).unwrap_or(peer);
+    let dst = parse_connect(&incoming.request).unwrap_or(SocketAddr::new(pod.ip, 0));
+    let mut log = AccessLog::new("inbound", src, dst);
+    log.via_hbone();
+    log.source(Some(peer_identity), None);
+    log.destination(Some(pod.identity.clone()), Some(pod.workload()), None);
+    let dst = match check(&incoming, &pod) {
+        Ok(dst) => dst,
+        Err(e) => {
+            warn!(status = e.status().as_u16(), error = %e, authority = ?incoming.request.uri().authority().map(|a| a.as_str()),
+                method = %incoming.request.method(), "HBONE request refused");
+            log.fail(format!("{} {}", e.status().as_u16(), e));
+            incoming.refuse(e.status());
+            return;
+        }
+    };
+    let app = match connect_in(
+        &pod.netns,
+        dst,
+        Some(SocketAddr::new(DELIVERY_ADDR.into(), 0)),
+    )
+    .await
+    {
+        Ok(app) => app,
+        Err(e) => {
+            let e = RequestError::Unreachable {
+                addr: dst,
+                reason: e.to_string(),
+            };
+            warn!(status = e.status().as_u16(), error = %e, "HBONE destination unreachable");
+            log.fail(format!("{} {}", e.status().as_u16(), e));
+            incoming.refuse(e.status());
+            return;
+        }
+    };
+    let tunnel = match incoming.accept() {
+        Ok(t) => t,
+        Err(e) => {
+            log.fail(e);
+            return;
+        }
+    };
+    if let Err(e) = copy::bidirectional(tunnel, app, &log.counters)
+        .await
+        .or_else(ignore_close)
+    {
+        log.fail(e);
+    }
+}
+
+fn check(incoming: &Incoming, pod: &Pod) -> Result<SocketAddr, RequestError> {
+    let dst = parse_connect(&incoming.request)?;
+    if dst.ip() != pod.ip {
+        return Err(RequestError::UnknownDestination(dst));
+    }
+    if ports::is_reserved(dst.port()) {
+        return Err(RequestError::ReservedPort(dst.port()));
+    }
+    Ok(dst)
+}

@@ -1,0 +1,50 @@
+//! Inbound plaintext (15006): connections from outside the mesh to an enrolled pod,
+//! accepted in permissive mode and delivered to the app.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ambit_shared::copy;
+use tokio::net::TcpStream;
+use tracing::{Instrument, info_span, warn};
+
+use super::outbound::ignore_close;
+use super::{AccessLog, Pod};
+use crate::capture::{DELIVERY_ADDR, connect_in};
+
+/// Delivers one plaintext inbound connection.
+pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>) {
+    let Ok(dst) = stream.local_addr() else { return };
+    let span = info_span!("inbound_plaintext", src = %peer, dst = %dst, pod = %pod.workload());
+    async move {
+        let mut log = AccessLog::new("inbound", peer, dst);
+        log.destination(Some(pod.identity.clone()), Some(pod.workload()), None);
+        if dst.ip().is_loopback() || ambit_shared::ports::is_reserved(dst.port()) {
+            warn!("refused: call to ztunnel's own port {}", dst.port());
+            log.fail(format!("refused call to ztunnel's own port {}", dst.port()));
+            return;
+        }
+        let app = match connect_in(
+            &pod.netns,
+            dst,
+            Some(SocketAddr::new(DELIVERY_ADDR.into(), 0)),
+        )
+        .await
+        {
+            Ok(app) => app,
+            Err(e) => {
+                warn!(error = %e, "inbound delivery failed");
+                log.fail(format!("connect {dst}: {e}"));
+                return;
+            }
+        };
+        if let Err(e) = copy::bidirectional(stream, app, &log.counters)
+            .await
+            .or_else(ignore_close)
+        {
+            log.fail(e);
+        }
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,187 @@
+//! The L4 proxy: per-pod listeners for captured outbound traffic, inbound HBONE and inbound
+//! plaintext, plus the access log they share.
+
+pub mod inbound;
+pub mod inbound_plaintext;
+pub mod outbound;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ambit_shared::config::Config;
+use ambit_shared::copy::Counters;
+use ambit_shared::hbone::Pool;
+use ambit_shared::identity::Identity;
+use ambit_shared::ports;
+use ambit_shared::tls::TrustBundle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::capture::Netns;
+use crate::identity::IdentityCert;
+
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop cannot spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// What every proxy task needs, shared by all pods on the node.
+#[derive(Debug)]
+pub struct ProxyContext {
+    /// The current config.
+    pub config: watch::Receiver<Arc<Config>>,
+    /// Pooled HBONE connections.
+    pub pool: Pool,
+    /// Roots we trust.
+    pub bundle: TrustBundle,
+    /// Our trust domain.
+    pub trust_domain: String,
+}
+
+/// An enrolled pod on this node, as the proxy sees it.
+#[derive(Debug)]
+pub struct Pod {
+    /// Workload name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// SPIFFE identity.
+    pub identity: Identity,
+    /// The address its listeners serve.
+    pub ip: IpAddr,
+    /// Its network namespace.
+    pub netns: Arc<Netns>,
+    /// Its certificate.
+    pub cert: Arc<IdentityCert>,
+}
+
+impl Pod {
+    /// `namespace/name`, as logs show it.
+    pub fn workload(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// A connection that reached a capture listener addressed to loopback, the pod itself, or
+    /// one of the proxy's ports was never captured: the app called ztunnel directly.
+    pub fn is_self_call(&self, dst: SocketAddr) -> bool {
+        dst.ip().is_loopback() || dst.ip() == self.ip || ports::is_reserved(dst.port())
+    }
+}
+
+/// Runs an accept loop until the task is aborted; one task per connection. An accept error
+/// never ends the loop.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    what: &'static str,
+    pod: Arc<Pod>,
+    handle: F,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer));
+            }
+            Err(e) => {
+                warn!(listener = what, pod = %pod.workload(), error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// One access-log line per connection, written when the connection ends (or its task is
+/// cancelled), so no connection goes unlogged.
+#[derive(Debug)]
+pub struct AccessLog {
+    direction: &'static str,
+    protocol: &'static str,
+    src_addr: SocketAddr,
+    src_identity: Option<Identity>,
+    src_workload: Option<String>,
+    dst_addr: SocketAddr,
+    dst_hbone: Option<SocketAddr>,
+    dst_identity: Option<Identity>,
+    dst_workload: Option<String>,
+    start: Instant,
+    /// Bytes client→server (`a_to_b`) and server→client (`b_to_a`).
+    pub counters: Arc<Counters>,
+    error: Option<String>,
+}
+
+impl AccessLog {
+    /// Starts a log entry.
+    pub fn new(direction: &'static str, src_addr: SocketAddr, dst_addr: SocketAddr) -> Self {
+        AccessLog {
+            direction,
+            protocol: "TCP",
+            src_addr,
+            src_identity: None,
+            src_workload: None,
+            dst_addr,
+            dst_hbone: None,
+            dst_identity: None,
+            dst_workload: None,
+            start: Instant::now(),
+            counters: Arc::default(),
+            error: None,
+        }
+    }
+
+    /// Source identity and workload.
+    pub fn source(&mut self, identity: Option<Identity>, workload: Option<String>) {
+        self.src_identity = identity;
+        self.src_workload = workload;
+    }
+
+    /// Destination identity, workload and HBONE address (which makes the protocol HBONE).
+    pub fn destination(
+        &mut self,
+        identity: Option<Identity>,
+        workload: Option<String>,
+        hbone: Option<SocketAddr>,
+    ) {
+        self.dst_identity = identity;
+        self.dst_workload = workload;
+        if hbone.is_some() {
+            self.protocol = "HBONE";
+        }
+        self.dst_hbone = hbone;
+    }
+
+    /// Marks the connection as received over HBONE (inbound side).
+    pub fn via_hbone(&mut self) {
+        self.protocol = "HBONE";
+    }
+
+    /// Records why the connection failed.
+    pub fn fail(&mut self, error: impl std::fmt::Display) {
+        self.error = Some(error.to_string());
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        let (sent, received) = self.counters.get();
+        let opt = |v: &Option<Identity>| v.as_ref().map(ToString::to_string).unwrap_or_default();
+        info!(
+            target: "access",
+            direction = self.direction,
+            protocol = self.protocol,
+            src.addr = %self.src_addr,
+            src.identity = %opt(&self.src_identity),
+            src.workload = self.src_workload.as_deref().unwrap_or_default(),
+            dst.addr = %self.dst_addr,
+            dst.hbone_addr = %self.dst_hbone.map(|a| a.to_string()).unwrap_or_default(),
+            dst.identity = %opt(&self.dst_identity),
+            dst.workload = self.dst_workload.as_deref().unwrap_or_default(),
+            bytes_sent = sent,
+            bytes_recv = received,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            error = self.error.as_deref().unwrap_or_default(),
+            "connection complete"
+        );
+    }
+}
