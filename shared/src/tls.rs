@@ -483,3 +483,31 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<Identity, T
         .ok_or_else(|| TlsError::NoIdentity("peer presented no certificate".into()))?;
     identity_of_cert(leaf)
 }
+
+/// Loads a certificate chain (leaf first) and its private key from PEM files, as written by
+/// `ztunnel ca issue`.
+pub fn load_certified_key(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    let cert_pem = std::fs::read(cert_path).map_err(|e| TlsError::File {
+        path: cert_path.into(),
+        reason: e.to_string(),
+    })?;
+    let chain = parse_certs(cert_path, &cert_pem)?;
+    let key_pem = std::fs::read(key_path).map_err(|e| TlsError::File {
+        path: key_path.into(),
+        reason: e.to_string(),
+    })?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| TlsError::File {
+            path: key_path.into(),
+            reason: format!("bad PEM: {e}"),
+        })?
+        .ok_or_else(|| TlsError::File {
+            path: key_path.into(),
+            reason: "no PRIVATE KEY block found".into(),
+        })?;
+    let key = provider().key_provider.load_private_key(key)?;
+    Ok(Arc::new(CertifiedKey::new(chain, key)))
+}

@@ -19,6 +19,8 @@ use crate::state;
 
 /// How often pods whose namespace was not found yet are looked for again.
 const PENDING_RETRY: Duration = Duration::from_secs(1);
+/// How often running pods' namespaces are checked for replacement.
+const NETNS_CHECK: Duration = Duration::from_secs(5);
 
 /// Settings of `ztunnel run`.
 #[derive(Debug, Clone)]
@@ -77,9 +79,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let config = rx.borrow_and_update().clone();
     let mut outcome = enroller.reconcile(&config);
     info!(node = %settings.node, pending = outcome.pending, "ztunnel ready");
+    let mut netns_check = tokio::time::interval(NETNS_CHECK);
+    netns_check.tick().await;
     loop {
         let retry = outcome.pending > 0;
         tokio::select! {
+            _ = netns_check.tick() => enroller.drop_replaced_pods(),
             changed = rx.changed() => {
                 if changed.is_err() { break; }
             }

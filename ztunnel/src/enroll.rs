@@ -87,7 +87,9 @@ impl Enroller {
                     None
                 }
             })
-            .flat_map(|(w, id)| w.ips.iter().filter(|ip| ip.is_ipv4()).map(move |ip| (*ip, (w, id.clone()))))
+            .flat_map(|(w, id)| {
+                w.ips.iter().filter(|ip| ip.is_ipv4()).map(move |ip| (*ip, (w, id.clone())))
+            })
             .collect();
 
         // Leave: pods gone from the config, opted out, or whose identity changed.
@@ -160,6 +162,32 @@ impl Enroller {
         self.certs
             .retain(|id| self.running.values().any(|r| &r.pod.identity == id));
         Outcome { pending }
+    }
+
+    /// Drops pods whose network namespace is gone or was replaced (a pod re-created with the
+    /// same IP). Our own handle keeps an old namespace alive, so this is the only way to
+    /// notice; the next [`Enroller::reconcile`] enrolls the new namespace.
+    pub fn drop_replaced_pods(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        let ips: HashSet<IpAddr> = self.running.keys().copied().collect();
+        let found = capture::netns::find_by_ip(&self.netns_dir, &ips);
+        for ip in ips {
+            let Some(running) = self.running.get(&ip) else {
+                continue;
+            };
+            if found
+                .get(&ip)
+                .is_some_and(|ns| ns.inode() == running.pod.netns.inode())
+            {
+                continue;
+            }
+            warn!(pod = %running.pod.workload(), %ip, "pod network namespace is gone or was replaced");
+            if let Some(r) = self.running.remove(&ip) {
+                self.unenroll(ip, Some(&r.pod.netns), &r.pod.workload());
+            }
+        }
     }
 
     fn enroll(

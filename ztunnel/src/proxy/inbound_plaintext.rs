@@ -34,6 +34,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>) {
             Ok(app) => app,
             Err(e) => {
                 warn!(error = %e, "inbound delivery failed");
+                let _ = stream.set_zero_linger();
                 log.fail(format!("connect {dst}: {e}"));
                 return;
             }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ambit_shared::copy;
-use ambit_shared::hbone::{self, PoolKey};
+use ambit_shared::hbone::{self, H2Stream, PoolKey};
 use ambit_shared::ports;
 use ambit_shared::tls;
 use rustls_pki_types::ServerName;
@@ -42,14 +42,11 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
         let target = config
             .workload_by_ip(dst.ip())
             .filter(|w| config.is_enrolled(w));
-        let result = match target {
+        let copied = match target {
             Some(w) => {
                 let dst_identity = match config.identity_of(w) {
                     Ok(id) => id,
-                    Err(e) => {
-                        log.fail(&e);
-                        return;
-                    }
+                    Err(e) => return refuse(&stream, &mut log, e),
                 };
                 let hbone_addr = SocketAddr::new(dst.ip(), ports::HBONE);
                 log.destination(
@@ -57,22 +54,17 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
                     Some(format!("{}/{}", w.namespace, w.name)),
                     Some(hbone_addr),
                 );
-                tunnel(
-                    stream,
-                    peer,
-                    dst,
-                    hbone_addr,
-                    dst_identity,
-                    &pod,
-                    &ctx,
-                    &log,
-                )
-                .await
+                match open_tunnel(peer, dst, hbone_addr, dst_identity, &pod, &ctx).await {
+                    Ok(tunnel) => copy::bidirectional(stream, tunnel, &log.counters).await,
+                    Err(e) => return refuse(&stream, &mut log, e),
+                }
             }
-            None => passthrough(stream, dst, &pod, &log).await,
+            None => match connect_in(&pod.netns, dst, None).await {
+                Ok(upstream) => copy::bidirectional(stream, upstream, &log.counters).await,
+                Err(e) => return refuse(&stream, &mut log, format!("connect {dst}: {e}")),
+            },
         };
-        if let Err(e) = result {
-            warn!(error = %e, "outbound connection failed");
+        if let Err(e) = copied.or_else(ignore_close) {
             log.fail(e);
         }
     }
@@ -80,17 +72,22 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
     .await
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn tunnel(
-    stream: TcpStream,
+/// Fails a connection we could not serve: the app gets a reset, as it would from a host
+/// that refused it, rather than a clean close it might mistake for an empty answer.
+fn refuse(stream: &TcpStream, log: &mut AccessLog, error: impl std::fmt::Display) {
+    warn!(error = %error, "outbound connection failed");
+    let _ = stream.set_zero_linger();
+    log.fail(error);
+}
+
+async fn open_tunnel(
     peer: SocketAddr,
     dst: SocketAddr,
     hbone_addr: SocketAddr,
     dst_identity: ambit_shared::identity::Identity,
     pod: &Arc<Pod>,
     ctx: &ProxyContext,
-    log: &AccessLog,
-) -> Result<(), String> {
+) -> Result<H2Stream, hbone::Error> {
     let key = PoolKey {
         src: pod.identity.clone(),
         dst: dst_identity.clone(),
@@ -121,30 +118,7 @@ async fn tunnel(
                 source,
             })
     };
-    let tunnel = ctx
-        .pool
-        .open(key, request, dial)
-        .await
-        .map_err(|e| e.to_string())?;
-    copy::bidirectional(stream, tunnel, &log.counters)
-        .await
-        .or_else(ignore_close)
-        .map_err(|e| e.to_string())
-}
-
-async fn passthrough(
-    stream: TcpStream,
-    dst: SocketAddr,
-    pod: &Pod,
-    log: &AccessLog,
-) -> Result<(), String> {
-    let upstream = connect_in(&pod.netns, dst, None)
-        .await
-        .map_err(|e| format!("connect {dst}: {e}"))?;
-    copy::bidirectional(stream, upstream, &log.counters)
-        .await
-        .or_else(ignore_close)
-        .map_err(|e| e.to_string())
+    ctx.pool.open(key, request, dial).await
 }
 
 /// A peer closing abruptly after the exchange is how many apps end connections.

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite: prerequisites, formatting, lints, unit tests and the end-to-end
+# scenarios on simulated clusters (real binaries, real eBPF). Run as root.
+set -euo pipefail
+cd "$(dirname "$0")"
+tests/scripts/setup-host.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo build --workspace --bins
+cargo test --workspace
