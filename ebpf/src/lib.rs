@@ -1,0 +1,92 @@
+//! Ambit's traffic capture: kernel programs and the loader ztunnel drives.
+//!
+//! The kernel side (`bpf/capture.bpf.c`) captures a pod's TCP traffic without
+//! iptables and without rewriting addresses:
+//!
+//! - `cgroup/connect4` and `cgroup/connect6`, attached to a cgroup v2 subtree,
+//!   put [`CAPTURE_MARK`] on the TCP sockets of enrolled pods (sockets marked
+//!   [`ZTUNNEL_MARK`], and loopback or pod-local destinations, are left alone).
+//! - A policy route in the pod netns loops those marked SYNs through `lo`.
+//! - `sk_lookup`, one link per pod netns, hands them to the pod's
+//!   [`OUTBOUND_PORT`] listener, and hands connections arriving for the pod
+//!   IP to its [`INBOUND_PORT`] listener (except [`HBONE_PORT`] and
+//!   ztunnel's own deliveries from [`DELIVERY_ADDR`]).
+//!
+//! The accepted socket's `local_addr()` is the original destination, and the
+//! listener that accepted it tells which pod it came from.
+//!
+//! # What ztunnel must set up per pod (this crate does not)
+//!
+//! In the pod netns, before [`Capture::enroll`]:
+//!
+//! ```text
+//! ip rule add fwmark 0x1000/0x1000 lookup 100 priority 100
+//! ip route add local 0.0.0.0/0 dev lo table 100 src <podIP>
+//! ip -6 rule add fwmark 0x1000/0x1000 lookup 100 priority 100
+//! ip -6 route add local ::/0 dev lo table 100
+//! ```
+//!
+//! - `src <podIP>` is required: without it the kernel takes the destination
+//!   as the source of the looped SYN and `connect()` fails with
+//!   `ENETUNREACH`.
+//! - The two `-6` lines are required too, although there is no IPv6
+//!   listener yet: connect6 marks native IPv6 sockets, and without a v6 rule
+//!   the mark does nothing and the connection leaves the pod uncaptured.
+//!   With them, native IPv6 fails closed. (v4-mapped destinations on
+//!   dual-stack sockets are captured like IPv4.)
+//!
+//! And three listeners, created inside the pod netns (a thread that did
+//! `setns`), each with `SO_MARK` [`ZTUNNEL_MARK`]:
+//!
+//! - `127.0.0.1:15001` with `IP_TRANSPARENT`: its SYN-ACKs come from the
+//!   original, non-local destination, and without `IP_TRANSPARENT` the kernel
+//!   cannot route them (the client's connect times out).
+//! - `127.0.0.1:15006`.
+//! - `0.0.0.0:15008`.
+//!
+//! [`Capture::enroll`] checks that both sockhash listeners live in the pod's
+//! netns. Reuseport groups are fine; the program assigns the exact socket
+//! that was enrolled.
+//!
+//! Maps and links are pinned on bpffs, so when ztunnel dies the capture stays
+//! on and fails closed: no SYN leaves the pod. The app's `connect()` hangs in
+//! SYN retransmission until its own timeout, because the kernel cannot route
+//! a RST from the non-local original destination. A restarted ztunnel calls
+//! [`Capture::load_or_adopt`] and re-enrolls its pods.
+
+mod error;
+mod loader;
+mod maps;
+mod sys;
+
+pub use error::Error;
+pub use loader::{Capture, CaptureConfig, PodCapture};
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::BorrowedFd;
+
+/// `SO_MARK` on every socket ztunnel owns; the connect hooks never capture it.
+pub const ZTUNNEL_MARK: u32 = 0x539;
+/// `SO_MARK` bit the connect hooks set on captured sockets.
+pub const CAPTURE_MARK: u32 = 0x1000;
+/// Port of the per-pod outbound listener (`127.0.0.1`, `IP_TRANSPARENT`).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Port of the per-pod inbound plaintext listener (`127.0.0.1`).
+pub const INBOUND_PORT: u16 = 15006;
+/// HBONE port; inbound connections to it are never redirected.
+pub const HBONE_PORT: u16 = 15008;
+/// Source address ztunnel binds when it delivers inbound traffic to the app.
+pub const DELIVERY_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
+/// Routing table that holds the capture `local` route in each pod netns.
+pub const CAPTURE_ROUTE_TABLE: u32 = 100;
+/// Priority of the `fwmark` rule that selects [`CAPTURE_ROUTE_TABLE`].
+pub const CAPTURE_RULE_PRIORITY: u32 = 100;
+/// Most pods one [`Capture`] can enroll (size of every map).
+pub const MAX_PODS: u32 = 4096;
+
+/// The `SO_NETNS_COOKIE` of a socket: a socket created inside a network
+/// namespace tells that namespace's cookie, which is what the connect hooks
+/// see for the pod.
+pub fn netns_cookie(sock: BorrowedFd<'_>) -> Result<u64, Error> {
+    sys::netns_cookie(sock).map_err(|source| Error::NetnsCookie { source })
+}
