@@ -38,6 +38,8 @@ enum LogFormat {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the node tunnel.
+    // The last occurrence of a flag wins, as wrappers that append overrides expect.
+    #[command(args_override_self = true)]
     Run(RunArgs),
     /// Manage the local CA used in file/dev mode.
     #[command(subcommand)]
