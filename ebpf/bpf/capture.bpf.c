@@ -11,10 +11,15 @@
  * Inbound: `sk_lookup` hands connections to the pod IP to the pod's 15006
  * listener, except HBONE (15008) and ztunnel's own deliveries from 127.0.0.6.
  *
- * Fail closed: when an enrolled pod has no listener in the sockhash (ztunnel
- * is down), sk_lookup drops the SYN, so nothing leaves the pod unencrypted.
- * The app sees a connect timeout rather than a refusal: the kernel cannot
- * route a RST whose source is the non-local original destination.
+ * Fail closed, and fast: when ztunnel is down its listeners are closed, and
+ * the kernel removes a closed socket from every sockhash by itself (no
+ * user-space clean-up, so this also holds after SIGKILL). The connect hooks
+ * see the missing 15001 listener and refuse the connect() with EPERM, so the
+ * app gets an immediate error instead of hanging in SYN retransmission (a
+ * dropped SYN cannot be answered with a RST: its source would be the
+ * non-local original destination). Behind that, sk_lookup still drops any
+ * SYN that finds no listener (ztunnel died between connect() and the SYN),
+ * so nothing leaves the pod unencrypted either way.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_endian.h>
@@ -95,8 +100,40 @@ static __always_inline int key_is_local_only(const struct ip_key *key)
 }
 
 /*
- * Shared by connect4 and connect6. Never rewrites the address and always
- * allows the connect: capture is purely "set a routing mark".
+ * Is the pod's outbound (15001) listener alive? Looks it up in the same
+ * sockhash that sk_lookup assigns from, so "alive" here means exactly "a
+ * captured SYN can be delivered": the entry is the socket ztunnel enrolled
+ * (an app that binds 127.0.0.1:15001 itself cannot stand in for it), and the
+ * kernel deletes it when the socket closes, however ztunnel died.
+ *
+ * The LISTEN check is belt and braces: a socket leaves the sockhash when it
+ * stops listening (close or shutdown unhash it), and bpf_sk_assign() in
+ * sk_lookup accepts only listening TCP sockets anyway.
+ *
+ * The lookup returns a referenced socket (or NULL); the verifier insists
+ * that it is released on every path.
+ */
+static __always_inline int outbound_listener_alive(const struct ip_key *pod_ip)
+{
+	struct bpf_sock *listener = bpf_map_lookup_elem(&outbound_listeners, pod_ip);
+	if (!listener)
+		return 0;
+	int alive = listener->state == BPF_TCP_LISTEN;
+	bpf_sk_release(listener);
+	return alive;
+}
+
+/*
+ * Shared by connect4 and connect6. Never rewrites the address: capture is
+ * purely "set a routing mark". Returns 1 (allow the connect) or 0 (the
+ * kernel fails connect() with EPERM).
+ *
+ * A socket that would be captured is refused, never let through unmarked,
+ * when the pod's 15001 listener is gone (ztunnel down: fail fast instead of
+ * a SYN that sk_lookup drops and the app retransmits until it times out) or
+ * when the mark cannot be set. Sockets that are not captured (not enrolled,
+ * ztunnel's mark, loopback and pod-local destinations, UDP) are unaffected,
+ * so a restarting ztunnel's own marked sockets still connect.
  */
 static __always_inline int mark_if_captured(struct bpf_sock_addr *ctx,
 					    const struct ip_key *dst)
@@ -108,6 +145,8 @@ static __always_inline int mark_if_captured(struct bpf_sock_addr *ctx,
 	struct enrolled_value *pod = bpf_map_lookup_elem(&enrolled, &cookie);
 	if (!pod)
 		return 1;
+	/* A stack copy: the map value may be replaced while we use it. */
+	struct ip_key pod_ip = pod->pod_ip;
 
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
@@ -118,13 +157,18 @@ static __always_inline int mark_if_captured(struct bpf_sock_addr *ctx,
 	if (mark == ZTUNNEL_MARK)
 		return 1;
 
-	if (key_is_local_only(dst) || key_eq(dst, &pod->pod_ip))
+	if (key_is_local_only(dst) || key_eq(dst, &pod_ip))
 		return 1;
 
+	if (!outbound_listener_alive(&pod_ip))
+		return 0;
+
 	/* OR, not assign: keep whatever mark bits the app set itself; the ip rule
-	 * matches only our bit (fwmark 0x1000/0x1000). */
+	 * matches only our bit (fwmark 0x1000/0x1000). Unmarked, the SYN would
+	 * leave the pod uncaptured, so a failure refuses the connect. */
 	int new_mark = (int)(mark | CAPTURE_MARK);
-	bpf_setsockopt(ctx, AMBIT_SOL_SOCKET, AMBIT_SO_MARK, &new_mark, sizeof(new_mark));
+	if (bpf_setsockopt(ctx, AMBIT_SOL_SOCKET, AMBIT_SO_MARK, &new_mark, sizeof(new_mark)))
+		return 0;
 	return 1;
 }
 

@@ -49,10 +49,23 @@
 //! that was enrolled.
 //!
 //! Maps and links are pinned on bpffs, so when ztunnel dies the capture stays
-//! on and fails closed: no SYN leaves the pod. The app's `connect()` hangs in
-//! SYN retransmission until its own timeout, because the kernel cannot route
-//! a RST from the non-local original destination. A restarted ztunnel calls
-//! [`Capture::load_or_adopt`] and re-enrolls its pods.
+//! on and fails closed: no SYN leaves the pod. It also fails fast: the kernel
+//! removes a closed listener from the sockhash by itself (so this holds after
+//! SIGKILL too, with no clean-up by anyone), and the connect hooks refuse a
+//! connection they would capture when the pod's [`OUTBOUND_PORT`] listener is
+//! missing, so the app's `connect()` fails at once with `EPERM` ("Operation
+//! not permitted") instead of hanging in SYN retransmission. Connections that
+//! are never captured (loopback, the pod's own IP, [`ZTUNNEL_MARK`]ed sockets)
+//! are not affected. In the rare race where ztunnel dies between `connect()`
+//! and the SYN, sk_lookup drops the SYN and the app sees its own timeout. A
+//! restarted ztunnel calls [`Capture::load_or_adopt`] and re-enrolls its pods.
+//!
+//! The flip side of failing fast: connections attempted while a pod has no
+//! listener are refused rather than delayed, so a ztunnel restart is visible
+//! to apps that connect during the gap. An upgrade that must not be visible
+//! enrolls the new ztunnel's listeners (reuseport siblings of the old ones)
+//! before the old ztunnel closes its own; re-enrolling swaps the sockhash
+//! entry in one step, so there is no gap.
 
 mod error;
 mod loader;

@@ -52,6 +52,9 @@ const PEER_PORT: u16 = 80;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(3);
 const CHILD_TIMEOUT: Duration = Duration::from_secs(15);
+/// With ztunnel down, a captured connect() must fail within this (the hooks
+/// refuse it outright; a dropped SYN would take CONNECT_TIMEOUT).
+const FAIL_FAST: Duration = Duration::from_secs(1);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 
 const CHILD_ENV: &str = "AMBIT_EBPF_TEST_CHILD";
@@ -217,21 +220,52 @@ fn capture_end_to_end() {
     let (_, local, _) = lab.pod_connect(&Connect::to(peer_dst), &z.outbound);
     assert_eq!(local, peer_dst);
 
-    // (6) ztunnel crashes: its listeners close, the pinned state remains.
+    // (6) ztunnel crashes: its listeners close (the kernel drops them from
+    // the sockhash by itself), the pinned state remains. Captured connects
+    // fail at once with EPERM instead of hanging, over every path, and not
+    // one segment leaves the pod.
     let links_before = link_ids(&lab);
     drop(z);
     let segments_before = peer_tcp_in_segments(&lab);
-    let outcome = lab.run_in_pod(&Connect::to(peer_dst));
-    assert!(
-        outcome.starts_with("err "),
-        "with ztunnel down a pod connection must fail, got: {outcome}"
-    );
+    for (what, connect) in [
+        ("IPv4", Connect::to(peer_dst)),
+        ("v4-mapped", mapped.clone()),
+        ("native IPv6", Connect::to(peer_dst6)),
+    ] {
+        let outcome = lab.run_in_pod(&connect);
+        let failure = ConnectFailure::parse(&outcome).unwrap_or_else(|| {
+            panic!("{what}: with ztunnel down a pod connection must fail, got: {outcome}")
+        });
+        assert!(
+            failure.errno == libc::EPERM
+                && failure.kind == "PermissionDenied"
+                && failure.message.contains("Operation not permitted"),
+            "{what}: with ztunnel down connect() must be refused with EPERM \
+             (Operation not permitted), got: {outcome}"
+        );
+        assert!(
+            failure.elapsed < FAIL_FAST,
+            "{what}: connect() must fail fast with ztunnel down, took {:?}: {outcome}",
+            failure.elapsed
+        );
+    }
     assert_nothing_accepted(&peer_server, "peer :80 while ztunnel is down (fail open!)");
+    assert_nothing_accepted(&peer_server6, "peer [::]:80 while ztunnel is down");
+    // Traffic that is never captured is not refused: loopback...
+    let (_, local, _) = lab.pod_connect(
+        &Connect::to(SocketAddr::from((Ipv4Addr::LOCALHOST, APP_PORT))),
+        &app,
+    );
+    assert_eq!(local.port(), APP_PORT);
     assert_eq!(
         peer_tcp_in_segments(&lab),
         segments_before,
         "no TCP segment may reach the peer while ztunnel is down"
     );
+    // ...and ztunnel's own marked sockets, which a restarting ztunnel may
+    // need before it has re-enrolled the pod.
+    let (_, local, _) = lab.pod_connect(&own, &peer_server);
+    assert_eq!(local, peer_dst);
     assert_links(&lab, &cfg, 1);
 
     // A new ztunnel adopts the pins and restores capture.
@@ -609,9 +643,16 @@ impl Connect {
             }
             (_, dst) => dst,
         };
-        match sock.connect_timeout(&SockAddr::from(dst), CONNECT_TIMEOUT) {
-            Ok(()) => {}
-            Err(e) => return Ok(format!("err {:?} {e}", e.kind())),
+        let started = Instant::now();
+        if let Err(e) = sock.connect_timeout(&SockAddr::from(dst), CONNECT_TIMEOUT) {
+            // Timed here, so the parent's process start-up does not count.
+            return Ok(ConnectFailure {
+                kind: format!("{:?}", e.kind()),
+                errno: e.raw_os_error().unwrap_or(0),
+                elapsed: started.elapsed(),
+                message: e.to_string(),
+            }
+            .encode());
         }
         let mut stream: TcpStream = sock.into();
         stream
@@ -621,6 +662,42 @@ impl Connect {
             .local_addr()
             .map_err(|e| format!("local_addr: {e}"))?;
         Ok(format!("ok {local}"))
+    }
+}
+
+/// A child's failed connect(), as reported on its result line:
+/// `err <kind> <errno> <micros> <message>`.
+#[derive(Debug)]
+struct ConnectFailure {
+    kind: String,
+    errno: i32,
+    elapsed: Duration,
+    message: String,
+}
+
+impl ConnectFailure {
+    fn encode(&self) -> String {
+        format!(
+            "err {} {} {} {}",
+            self.kind,
+            self.errno,
+            self.elapsed.as_micros(),
+            self.message
+        )
+    }
+
+    fn parse(line: &str) -> Option<Self> {
+        let mut parts = line.strip_prefix("err ")?.splitn(4, ' ');
+        let kind = parts.next()?.to_owned();
+        let errno = parts.next()?.parse().ok()?;
+        let elapsed = Duration::from_micros(parts.next()?.parse().ok()?);
+        let message = parts.next().unwrap_or_default().to_owned();
+        Some(Self {
+            kind,
+            errno,
+            elapsed,
+            message,
+        })
     }
 }
 
