@@ -103,15 +103,19 @@ pub fn init(dir: &Path, trust_domain: &str, force: bool) -> Result<CaPaths, CaEr
     })?;
 
     let now = OffsetDateTime::now_utc();
+    // A per-CA tag in the names: two CAs for one trust domain must not share subject names,
+    // or verifiers would match a foreign chain by name and report a bad signature instead
+    // of an unknown issuer.
+    let tag = ca_tag();
     let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut root_params = ca_params(&format!("Ambit root CA ({trust_domain})"), 1);
+    let mut root_params = ca_params(&format!("Ambit root CA {tag} ({trust_domain})"), 1);
     root_params.not_before = now - CLOCK_SKEW_ALLOWANCE;
     root_params.not_after = now + ROOT_VALIDITY;
     let root_cert = root_params.self_signed(&root_key)?;
     let root_issuer = Issuer::new(root_params, root_key);
 
     let issuer_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut issuer_params = ca_params(&format!("Ambit issuer ({trust_domain})"), 0);
+    let mut issuer_params = ca_params(&format!("Ambit issuer {tag} ({trust_domain})"), 0);
     issuer_params.not_before = now - CLOCK_SKEW_ALLOWANCE;
     issuer_params.not_after = now + ISSUER_VALIDITY;
     let issuer_cert = issuer_params.signed_by(&issuer_key, &root_issuer)?;
@@ -130,6 +134,22 @@ pub fn init(dir: &Path, trust_domain: &str, force: bool) -> Result<CaPaths, CaEr
     )?;
     write_file(&paths.bundle(), root_cert.pem().as_bytes(), 0o644)?;
     Ok(paths)
+}
+
+fn ca_tag() -> String {
+    let mut bytes = [0u8; 4];
+    if crate::tls::provider()
+        .secure_random
+        .fill(&mut bytes)
+        .is_err()
+    {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        bytes = nanos.to_be_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn ca_params(common_name: &str, path_len: u8) -> CertificateParams {

@@ -378,6 +378,18 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
+/// Describes a failed TLS handshake for logs: rustls wraps our verifier's errors in
+/// `Other(OtherError(..))`, whose default rendering is a Debug dump.
+pub fn describe_handshake_error(e: &std::io::Error) -> String {
+    if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        return format!("invalid peer certificate: {}", other.0);
+    }
+    e.to_string()
+}
+
 /// The peer proved a valid certificate, but for another workload.
 #[derive(Debug, thiserror::Error)]
 #[error("server identity mismatch: expected {expected}, got {got}")]

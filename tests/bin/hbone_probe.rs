@@ -53,9 +53,14 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let limit = Duration::from_secs(args.timeout_secs);
-    let result = tokio::time::timeout(limit, probe(&args)).await.context("probe timed out")?;
+    let result = tokio::time::timeout(limit, probe(&args))
+        .await
+        .context("probe timed out")?;
     match result {
-        Ok((status, received)) => println!("{}", serde_json::json!({ "status": status, "received": received })),
+        Ok((status, received)) => println!(
+            "{}",
+            serde_json::json!({ "status": status, "received": received })
+        ),
         Err(e) => println!("{}", serde_json::json!({ "error": format!("{e:#}") })),
     }
     Ok(())
@@ -70,10 +75,15 @@ async fn probe(args: &Args) -> anyhow::Result<(u16, String)> {
         .connect(ServerName::IpAddress(args.to.ip().into()), tcp)
         .await
         .context("TLS handshake")?;
-    let (client, connection) = h2::client::handshake(io).await.context("HTTP/2 handshake")?;
+    let (client, connection) = h2::client::handshake(io)
+        .await
+        .context("HTTP/2 handshake")?;
     tokio::spawn(connection);
     let mut client = client.ready().await?;
-    let request = http::Request::builder().method(args.method.as_str()).uri(args.target.as_str()).body(())?;
+    let request = http::Request::builder()
+        .method(args.method.as_str())
+        .uri(args.target.as_str())
+        .body(())?;
     let (response, mut send) = client.send_request(request, false)?;
     let response = response.await?;
     let status = response.status().as_u16();

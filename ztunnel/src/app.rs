@@ -45,7 +45,8 @@ pub struct Settings {
 
 /// Runs the node tunnel until SIGTERM or SIGINT.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let (tx, mut rx) = state::load_initial(&settings.config)?;
+    let tx = state::load_initial(&settings.config)?;
+    let mut rx = tx.subscribe();
     let trust_domain = rx.borrow().trust_domain.clone();
     let ca_paths = CaPaths::new(&settings.ca_dir);
     let ca = LocalCa::load(&ca_paths)

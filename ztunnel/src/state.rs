@@ -2,7 +2,7 @@
 //! published through a watch channel. A file that fails to parse or validate is reported
 //! and ignored: the last good config stays in force.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,17 +14,18 @@ use tracing::{error, info};
 /// How often the file is checked for changes.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Publishes the config in force to every task that needs it.
+pub type ConfigSender = watch::Sender<Arc<Config>>;
+
 /// Loads the initial config; ztunnel refuses to start without a valid one.
-pub fn load_initial(
-    path: &PathBuf,
-) -> Result<(watch::Sender<Arc<Config>>, watch::Receiver<Arc<Config>>), ConfigError> {
+pub fn load_initial(path: &Path) -> Result<ConfigSender, ConfigError> {
     let config = config::load_file(path)?;
-    Ok(watch::channel(Arc::new(config)))
+    Ok(watch::Sender::new(Arc::new(config)))
 }
 
 /// Watches the file (polling, plus SIGHUP for an immediate reload) and publishes each
 /// valid change. Comparing contents, not mtimes, also catches atomic renames.
-pub async fn watch_file(path: PathBuf, tx: watch::Sender<Arc<Config>>) {
+pub async fn watch_file(path: PathBuf, tx: ConfigSender) {
     let mut last_text = std::fs::read_to_string(&path).ok();
     let mut hup = signal(SignalKind::hangup()).ok();
     let mut tick = tokio::time::interval(POLL_INTERVAL);

@@ -61,7 +61,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// TLS handshake with the peer failed (includes identity mismatch).
-    #[error("TLS handshake with {addr}: {source}")]
+    #[error("TLS handshake with {addr}: {}", crate::tls::describe_handshake_error(.source))]
     Tls {
         /// The HBONE address.
         addr: std::net::SocketAddr,

@@ -42,7 +42,7 @@ pub async fn handle(
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                warn!(error = %e, "HBONE TLS handshake failed; connection refused");
+                warn!(error = %tls::describe_handshake_error(&e), "HBONE TLS handshake failed; connection refused");
                 return;
             }
             Err(_) => {
