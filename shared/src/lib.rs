@@ -4,6 +4,7 @@
 //! - [`identity`]: SPIFFE identities, parsed once at the boundary.
 //! - [`config`]: the configuration model and its YAML file source.
 //! - [`ca`]: the local certificate authority for file/dev mode.
+//! - [`policy`]: L4 authorization decisions.
 //! - [`tls`]: rustls configurations that check SPIFFE identities.
 //! - [`hbone`]: HTTP/2 CONNECT tunnels (client pool, server helpers, stream adapter).
 //! - [`copy`]: bidirectional byte copying with counters.
@@ -16,6 +17,7 @@ pub mod config;
 pub mod copy;
 pub mod hbone;
 pub mod identity;
+pub mod policy;
 pub mod tls;
 
 /// Well-known ports, the same as Istio's so operators feel at home.

@@ -80,11 +80,7 @@ type Invalid = (String, String);
 fn validate(c: &Config) -> Result<(), Invalid> {
     validate_component("trust domain", &c.trust_domain)
         .map_err(|e| ("trustDomain".into(), e.to_string()))?;
-    for (section, len) in [
-        ("policies", c.policies.len()),
-        ("waypoints", c.waypoints.len()),
-        ("routes", c.routes.len()),
-    ] {
+    for (section, len) in [("waypoints", c.waypoints.len()), ("routes", c.routes.len())] {
         if len > 0 {
             return Err((
                 section.into(),
@@ -165,6 +161,8 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         check_mode_label(&w.labels, &format!("{at}.labels"))?;
     }
 
+    validate_policies(c, &namespaces)?;
+
     let mut services = HashMap::new();
     for (i, s) in c.services.iter().enumerate() {
         validate_service(s, &format!("services[{i}]"), &namespaces, &names)?;
@@ -184,6 +182,54 @@ fn validate(c: &Config) -> Result<(), Invalid> {
                     format!("{vip} is already used by `{prev}`"),
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+fn validate_policies(c: &Config, namespaces: &BTreeMap<&str, usize>) -> Result<(), Invalid> {
+    let scope_ok = |at: &str, ns: Option<&str>, has_selector: bool| -> Result<(), Invalid> {
+        match ns {
+            Some(ns) if !namespaces.contains_key(ns) => Err((
+                format!("{at}.namespace"),
+                format!("namespace `{ns}` is not declared under `namespaces`"),
+            )),
+            None if has_selector => Err((
+                format!("{at}.selector"),
+                "a selector needs a `namespace`".into(),
+            )),
+            _ => Ok(()),
+        }
+    };
+    let mut names = HashMap::new();
+    for (i, p) in c.authorization_policies.iter().enumerate() {
+        let at = format!("authorizationPolicies[{i}]");
+        validate_component("policy name", &p.name)
+            .map_err(|e| (format!("{at}.name"), e.to_string()))?;
+        scope_ok(&at, p.namespace.as_deref(), p.selector.is_some())?;
+        if names
+            .insert((p.namespace.as_deref(), p.name.as_str()), i)
+            .is_some()
+        {
+            return Err((
+                format!("{at}.name"),
+                format!("policy `{}` is declared twice in its namespace", p.name),
+            ));
+        }
+        crate::policy::compile(p).map_err(|(field, reason)| (format!("{at}.{field}"), reason))?;
+    }
+    let mut names = HashMap::new();
+    for (i, p) in c.peer_authentications.iter().enumerate() {
+        let at = format!("peerAuthentications[{i}]");
+        validate_component("peer authentication name", &p.name)
+            .map_err(|e| (format!("{at}.name"), e.to_string()))?;
+        scope_ok(&at, p.namespace.as_deref(), p.selector.is_some())?;
+        let scope = (p.namespace.as_deref(), p.selector.clone());
+        if names.insert(scope, i).is_some() {
+            return Err((
+                at,
+                "another peer authentication already covers exactly this scope".into(),
+            ));
         }
     }
     Ok(())

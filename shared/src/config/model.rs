@@ -23,9 +23,12 @@ pub struct Config {
     /// Services: virtual IPs in front of workloads.
     #[serde(default)]
     pub services: Vec<Service>,
-    /// Reserved for authorization policies; must be empty in this version.
+    /// L4 authorization policies, enforced by the destination's node tunnel.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub policies: Vec<serde_yaml_ng::Value>,
+    pub authorization_policies: Vec<AuthorizationPolicy>,
+    /// Whether plaintext is accepted (PERMISSIVE) or refused (STRICT), per scope.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer_authentications: Vec<PeerAuthentication>,
     /// Reserved for waypoint proxies; must be empty in this version.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waypoints: Vec<serde_yaml_ng::Value>,
@@ -133,12 +136,206 @@ pub struct EndpointRef {
     pub ip: Option<IpAddr>,
 }
 
+/// Where a policy applies: the whole mesh, a namespace, or selected workloads in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    /// Every workload (no `namespace`).
+    Mesh,
+    /// Every workload in the policy's namespace (no `selector`).
+    Namespace,
+    /// Workloads in the policy's namespace whose labels match the selector.
+    Workload,
+}
+
+/// An L4 authorization policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicy {
+    /// Policy name, unique within its namespace (or the mesh); shown in logs.
+    pub name: String,
+    /// Namespace the policy applies to; absent for a mesh-wide policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Labels of the destination workloads it applies to (needs `namespace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    /// What a match does.
+    pub action: Action,
+    /// Evaluate and log, but never enforce.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// The policy matches when any rule matches. An empty list matches nothing; a rule
+    /// `{}` matches everything.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+/// What a matching policy does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Action {
+    /// Connections must match one ALLOW policy, when any applies.
+    Allow,
+    /// A matching connection is refused.
+    Deny,
+    /// A matching connection is logged; the verdict is unchanged.
+    Audit,
+}
+
+/// One rule: every non-empty part must match.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rule {
+    /// Sources; any may match. Empty means any source.
+    #[serde(default)]
+    pub from: Vec<Source>,
+    /// Destinations; any may match. Empty means any destination.
+    #[serde(default)]
+    pub to: Vec<Operation>,
+}
+
+/// Conditions on the source; all set fields must match.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Source {
+    /// SPIFFE identities; `*` may start or end a pattern.
+    #[serde(default)]
+    pub principals: Vec<String>,
+    /// Negated `principals`.
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    /// Source namespaces (from the peer identity).
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Negated `namespaces`.
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    /// Source service accounts as `namespace/name`.
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    /// Negated `serviceAccounts`.
+    #[serde(default)]
+    pub not_service_accounts: Vec<String>,
+    /// Source addresses, as CIDRs or single IPs.
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    /// Negated `ipBlocks`.
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+}
+
+/// Conditions on the destination; all set fields must match.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Operation {
+    /// Destination ports.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Negated `ports`.
+    #[serde(default)]
+    pub not_ports: Vec<u16>,
+    /// Destination addresses, as CIDRs or single IPs.
+    #[serde(default)]
+    pub destination_ips: Vec<String>,
+    /// Negated `destinationIps`.
+    #[serde(default)]
+    pub not_destination_ips: Vec<String>,
+    /// L7: HTTP methods. Only a waypoint can check these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// L7: HTTP paths. Only a waypoint can check these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// L7: HTTP hosts. Only a waypoint can check these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+}
+
+/// Peer authentication: does a workload accept plaintext?
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthentication {
+    /// Name, shown in logs.
+    pub name: String,
+    /// Namespace; absent for mesh-wide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Labels of the workloads it applies to (needs `namespace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    /// The mode.
+    pub mode: PeerAuthMode,
+}
+
+/// Whether plaintext inbound is accepted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum PeerAuthMode {
+    /// mTLS and plaintext are both accepted (the default).
+    #[default]
+    Permissive,
+    /// Only mTLS (HBONE) is accepted.
+    Strict,
+}
+
+/// Scope of a policy with an optional namespace and selector.
+pub fn scope_of(namespace: Option<&str>, selector: Option<&BTreeMap<String, String>>) -> Scope {
+    match (namespace, selector) {
+        (None, _) => Scope::Mesh,
+        (Some(_), None) => Scope::Namespace,
+        (Some(_), Some(_)) => Scope::Workload,
+    }
+}
+
+/// True if a policy with this namespace and selector applies to workload `w`.
+pub fn applies_to(
+    namespace: Option<&str>,
+    selector: Option<&BTreeMap<String, String>>,
+    w: &Workload,
+) -> bool {
+    match namespace {
+        None => true,
+        Some(ns) if ns != w.namespace => false,
+        Some(_) => selector.is_none_or(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v))),
+    }
+}
+
+// === impl Operation ===
+
+impl Operation {
+    /// The L7 fields this operation sets, which an L4 proxy cannot evaluate.
+    pub fn l7_fields(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if !self.methods.is_empty() {
+            out.push("methods");
+        }
+        if !self.paths.is_empty() {
+            out.push("paths");
+        }
+        if !self.hosts.is_empty() {
+            out.push("hosts");
+        }
+        out
+    }
+}
+
 // === impl Config ===
 
 impl Config {
     /// The namespace called `name`, if declared.
     pub fn namespace(&self, name: &str) -> Option<&Namespace> {
         self.namespaces.iter().find(|n| n.name == name)
+    }
+
+    /// The peer-authentication mode for `w`: the most specific policy wins (workload,
+    /// then namespace, then mesh); PERMISSIVE when none applies.
+    pub fn peer_auth_mode(&self, w: &Workload) -> (PeerAuthMode, Option<&PeerAuthentication>) {
+        self.peer_authentications
+            .iter()
+            .filter(|p| applies_to(p.namespace.as_deref(), p.selector.as_ref(), w))
+            .max_by_key(|p| scope_of(p.namespace.as_deref(), p.selector.as_ref()))
+            .map(|p| (p.mode, Some(p)))
+            .unwrap_or((PeerAuthMode::Permissive, None))
     }
 
     /// The workload that owns `ip`, if any.

@@ -121,8 +121,8 @@ fn rejects_bad_mode_label() {
 #[test]
 fn rejects_unsupported_sections() {
     expect_error(
-        &format!("{GOOD}policies: [{{name: x}}]\n"),
-        "policies",
+        &format!("{GOOD}waypoints: [{{name: x}}]\n"),
+        "waypoints",
         "not supported",
     );
 }
@@ -147,4 +147,38 @@ fn rejects_garbage_without_panicking() {
     ] {
         assert!(parse(text).is_err(), "{text:?}");
     }
+}
+
+#[test]
+fn names_field_for_bad_policy() {
+    let text = format!(
+        "{GOOD}authorizationPolicies:\n  - name: p\n    namespace: shop\n    action: DENY\n    rules: [{{from: [{{ipBlocks: [10.0.0.0/40]}}]}}]\n"
+    );
+    expect_error(
+        &text,
+        "authorizationPolicies[0].rules[0].from[0].ipBlocks[0]",
+        "not an IP address or CIDR",
+    );
+    let typo = format!(
+        "{GOOD}authorizationPolicies:\n  - name: p\n    action: DENY\n    rules: [{{from: [{{principal: [x]}}]}}]\n"
+    );
+    expect_error(
+        &typo,
+        "authorizationPolicies[0].rules[0].from[0].principal",
+        "unknown field `principal`",
+    );
+    let bad_action = format!("{GOOD}authorizationPolicies:\n  - name: p\n    action: PERMIT\n");
+    expect_error(
+        &bad_action,
+        "authorizationPolicies[0].action",
+        "unknown variant `PERMIT`",
+    );
+    let selector = format!(
+        "{GOOD}peerAuthentications:\n  - name: p\n    selector: {{app: web}}\n    mode: STRICT\n"
+    );
+    expect_error(
+        &selector,
+        "peerAuthentications[0].selector",
+        "needs a `namespace`",
+    );
 }
