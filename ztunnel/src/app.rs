@@ -15,7 +15,7 @@ use tracing::info;
 use crate::enroll::Enroller;
 use crate::identity::CertManager;
 use crate::proxy::ProxyContext;
-use crate::state;
+use crate::state::{self, Snapshot};
 
 /// How often pods whose namespace was not found yet are looked for again.
 const PENDING_RETRY: Duration = Duration::from_secs(1);
@@ -59,7 +59,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         cgroup: settings.cgroup.clone(),
     })
     .context("loading eBPF capture programs")?;
+    let (snapshot_tx, snapshot) = tokio::sync::watch::channel(Arc::new(Snapshot::new(rx.borrow().clone())));
+    tokio::spawn(state::index(rx.clone(), snapshot_tx));
     let ctx = Arc::new(ProxyContext {
+        snapshot,
+        balancer: Default::default(),
         config: rx.clone(),
         pool: Pool::new(settings.pool.clone()),
         bundle,

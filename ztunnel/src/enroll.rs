@@ -224,6 +224,7 @@ impl Enroller {
         let acceptor = proxy::inbound::acceptor(&pod, &self.ctx)?;
         let ctx = self.ctx.clone();
         let (p1, p2, p3) = (pod.clone(), pod.clone(), pod.clone());
+        let ctx3 = self.ctx.clone();
         let tasks = vec![
             tokio::spawn(proxy::accept_loop(
                 outbound,
@@ -241,7 +242,7 @@ impl Enroller {
                 inbound_plaintext,
                 "inbound_plaintext",
                 pod.clone(),
-                move |s, peer| proxy::inbound_plaintext::handle(s, peer, p3.clone()),
+                move |s, peer| proxy::inbound_plaintext::handle(s, peer, p3.clone(), ctx3.clone()),
             )),
         ];
         info!(pod = %pod.workload(), %ip, identity = %pod.identity, netns = %pod.netns.path().display(),

@@ -6,7 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambit_shared::config::{self, Config, ConfigError};
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use ambit_shared::config::{self, Config, ConfigError, Service, Workload};
+use ambit_shared::policy::{self, CompiledPolicy};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -59,5 +63,92 @@ pub async fn watch_file(path: PathBuf, tx: ConfigSender) {
                     "invalid config refused; keeping the last good config");
             }
         }
+    }
+}
+
+/// A config with the lookups the data path needs, built once per config version.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The config it was built from.
+    pub config: Arc<Config>,
+    by_ip: HashMap<IpAddr, usize>,
+    by_vip: HashMap<IpAddr, usize>,
+    endpoints: Vec<Vec<IpAddr>>,
+    /// Authorization policies, compiled.
+    pub policies: Vec<CompiledPolicy>,
+}
+
+impl Snapshot {
+    /// Indexes `config`. Policies that fail to compile were already refused by validation;
+    /// any that slip through are left out and logged.
+    pub fn new(config: Arc<Config>) -> Self {
+        let mut by_ip = HashMap::new();
+        for (i, w) in config.workloads.iter().enumerate() {
+            for ip in &w.ips {
+                by_ip.insert(*ip, i);
+            }
+        }
+        let mut by_vip = HashMap::new();
+        let mut endpoints = Vec::with_capacity(config.services.len());
+        for (i, s) in config.services.iter().enumerate() {
+            for vip in &s.vips {
+                by_vip.insert(*vip, i);
+            }
+            endpoints.push(service_endpoints(&config, s));
+        }
+        let policies = config
+            .authorization_policies
+            .iter()
+            .filter_map(|p| match policy::compile(p) {
+                Ok(c) => Some(c),
+                Err((field, reason)) => {
+                    error!(policy = %p.name, field, reason, "policy left out");
+                    None
+                }
+            })
+            .collect();
+        Snapshot { config, by_ip, by_vip, endpoints, policies }
+    }
+
+    /// The workload that owns `ip`.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.by_ip.get(&ip).and_then(|i| self.config.workloads.get(*i))
+    }
+
+    /// The service behind a VIP, with its endpoints.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<(&Service, &[IpAddr])> {
+        let i = *self.by_vip.get(&ip)?;
+        Some((self.config.services.get(i)?, self.endpoints.get(i).map(Vec::as_slice).unwrap_or_default()))
+    }
+}
+
+fn service_endpoints(config: &Config, s: &Service) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    if let Some(selector) = &s.selector {
+        for w in &config.workloads {
+            if w.namespace == s.namespace && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)) {
+                out.extend(w.ips.iter().filter(|ip| ip.is_ipv4()).copied());
+            }
+        }
+    }
+    for ep in s.endpoints.iter().flatten() {
+        match (&ep.workload, ep.ip) {
+            (Some(name), _) => {
+                if let Some(w) = config.workloads.iter().find(|w| w.namespace == s.namespace && &w.name == name) {
+                    out.extend(w.ips.iter().filter(|ip| ip.is_ipv4()).copied());
+                }
+            }
+            (None, Some(ip)) => out.push(ip),
+            (None, None) => {}
+        }
+    }
+    out
+}
+
+/// Keeps a [`Snapshot`] channel in step with the config channel.
+pub async fn index(mut config: watch::Receiver<Arc<Config>>, tx: watch::Sender<Arc<Snapshot>>) {
+    while config.changed().await.is_ok() {
+        let c = config.borrow_and_update().clone();
+        tx.send_replace(Arc::new(Snapshot::new(c)));
     }
 }

@@ -8,7 +8,10 @@ pub mod file;
 pub mod model;
 
 pub use file::{ConfigError, load_file, parse_str};
-pub use model::{Config, EndpointRef, Namespace, Protocol, Service, ServicePort, Workload};
+pub use model::{
+    Action, AuthorizationPolicy, Config, EndpointRef, Namespace, Operation, PeerAuthMode, PeerAuthentication,
+    Protocol, Rule, Scope, Service, ServicePort, Source, Workload,
+};
 
 /// Namespace (or pod) label that opts workloads into the mesh.
 pub const DATAPLANE_MODE_LABEL: &str = "ambit.dev/dataplane-mode";

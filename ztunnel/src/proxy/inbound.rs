@@ -83,13 +83,13 @@ async fn stream(
     peer: SocketAddr,
     peer_identity: Identity,
     pod: Arc<Pod>,
-    _ctx: Arc<ProxyContext>,
+    ctx: Arc<ProxyContext>,
 ) {
     let src = forwarded_client(&incoming.request).unwrap_or(peer);
     let dst = parse_connect(&incoming.request).unwrap_or(SocketAddr::new(pod.ip, 0));
     let mut log = AccessLog::new("inbound", src, dst);
     log.via_hbone();
-    log.source(Some(peer_identity), None);
+    log.source(Some(peer_identity.clone()), None);
     log.destination(Some(pod.identity.clone()), Some(pod.workload()), None);
     let dst = match check(&incoming, &pod) {
         Ok(dst) => dst,
@@ -101,6 +101,15 @@ async fn stream(
             return;
         }
     };
+    // Policy sees the address the TLS connection came from, not the `forwarded` header a
+    // peer could write anything into.
+    let snapshot = ctx.snapshot.borrow().clone();
+    if let Err(reason) = super::authorize(&snapshot, Some(&peer_identity), peer.ip(), dst) {
+        let e = RequestError::Denied(reason);
+        log.fail(format!("{} {}", e.status().as_u16(), e));
+        incoming.refuse(e.status());
+        return;
+    }
     let app = match connect_in(
         &pod.netns,
         dst,
@@ -127,11 +136,14 @@ async fn stream(
             return;
         }
     };
-    if let Err(e) = copy::bidirectional(tunnel, app, &log.counters)
-        .await
-        .or_else(ignore_close)
-    {
-        log.fail(e);
+    let revoked = super::revoked(ctx.snapshot.clone(), Some(peer_identity), peer.ip(), dst);
+    tokio::select! {
+        copied = copy::bidirectional(tunnel, app, &log.counters) => {
+            if let Err(e) = copied.or_else(ignore_close) {
+                log.fail(e);
+            }
+        }
+        reason = revoked => log.fail(format!("closed by policy change: {reason}")),
     }
 }
 

@@ -9,11 +9,11 @@ use tokio::net::TcpStream;
 use tracing::{Instrument, info_span, warn};
 
 use super::outbound::ignore_close;
-use super::{AccessLog, Pod};
+use super::{AccessLog, Pod, ProxyContext};
 use crate::capture::{DELIVERY_ADDR, connect_in};
 
 /// Delivers one plaintext inbound connection.
-pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>) {
+pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
     let Ok(dst) = stream.local_addr() else { return };
     let span = info_span!("inbound_plaintext", src = %peer, dst = %dst, pod = %pod.workload());
     async move {
@@ -22,6 +22,12 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>) {
         if dst.ip().is_loopback() || ambit_shared::ports::is_reserved(dst.port()) {
             warn!("refused: call to ztunnel's own port {}", dst.port());
             log.fail(format!("refused call to ztunnel's own port {}", dst.port()));
+            return;
+        }
+        let snapshot = ctx.snapshot.borrow().clone();
+        if let Err(reason) = super::authorize(&snapshot, None, peer.ip(), dst) {
+            let _ = stream.set_zero_linger();
+            log.fail(format!("denied: {reason}"));
             return;
         }
         let app = match connect_in(
@@ -39,11 +45,14 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>) {
                 return;
             }
         };
-        if let Err(e) = copy::bidirectional(stream, app, &log.counters)
-            .await
-            .or_else(ignore_close)
-        {
-            log.fail(e);
+        let revoked = super::revoked(ctx.snapshot.clone(), None, peer.ip(), dst);
+        tokio::select! {
+            copied = copy::bidirectional(stream, app, &log.counters) => {
+                if let Err(e) = copied.or_else(ignore_close) {
+                    log.fail(e);
+                }
+            }
+            reason = revoked => log.fail(format!("closed by policy change: {reason}")),
         }
     }
     .instrument(span)

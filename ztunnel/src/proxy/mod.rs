@@ -1,6 +1,7 @@
 //! The L4 proxy: per-pod listeners for captured outbound traffic, inbound HBONE and inbound
 //! plaintext, plus the access log they share.
 
+pub mod balance;
 pub mod inbound;
 pub mod inbound_plaintext;
 pub mod outbound;
@@ -9,7 +10,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ambit_shared::config::Config;
+use ambit_shared::config::{Config, PeerAuthMode};
+use ambit_shared::policy::{self, Decision};
 use ambit_shared::copy::Counters;
 use ambit_shared::hbone::Pool;
 use ambit_shared::identity::Identity;
@@ -21,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::capture::Netns;
 use crate::identity::IdentityCert;
+use crate::state::Snapshot;
 
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop cannot spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -30,6 +33,10 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 pub struct ProxyContext {
     /// The current config.
     pub config: watch::Receiver<Arc<Config>>,
+    /// The current config, indexed for the data path.
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// Endpoint load and health for service load balancing.
+    pub balancer: balance::Balancer,
     /// Pooled HBONE connections.
     pub pool: Pool,
     /// Roots we trust.
@@ -92,6 +99,65 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
+/// Why an inbound connection is refused, or `Ok` to let it in. Pure: logs nothing.
+pub fn decide(snap: &Snapshot, src_identity: Option<&Identity>, src: IpAddr, dst: SocketAddr) -> Result<policy::Notes, String> {
+    let Some(w) = snap.workload_by_ip(dst.ip()) else {
+        return Err(format!("{} is no longer a workload in the config", dst.ip()));
+    };
+    if src_identity.is_none() {
+        let (mode, source) = snap.config.peer_auth_mode(w);
+        if mode == PeerAuthMode::Strict {
+            let name = source.map(|p| p.name.as_str()).unwrap_or_default();
+            return Err(format!("plaintext refused by STRICT peer authentication {name}"));
+        }
+    }
+    let conn = policy::Conn { src_identity, src, dst, dst_workload: w };
+    match policy::evaluate(&conn, &snap.policies, false) {
+        (Decision::Allow, notes) => Ok(notes),
+        (Decision::Deny { reason, .. }, _) => Err(reason),
+    }
+}
+
+/// [`decide`], logging audits, dry-run verdicts and denials.
+pub fn authorize(snap: &Snapshot, src_identity: Option<&Identity>, src: IpAddr, dst: SocketAddr) -> Result<(), String> {
+    match decide(snap, src_identity, src, dst) {
+        Ok(notes) => {
+            for p in notes.audited {
+                info!(policy = %p, src = %src, dst = %dst, "AUDIT policy matched");
+            }
+            for (p, action) in notes.dry_run {
+                info!(policy = %p, would = ?action, src = %src, dst = %dst, "dry-run policy matched; not enforced");
+            }
+            Ok(())
+        }
+        Err(reason) => {
+            warn!(%src, %dst, src_identity = %src_identity.map(ToString::to_string).unwrap_or_default(), reason = %reason,
+                "connection denied");
+            Err(reason)
+        }
+    }
+}
+
+/// Resolves when a config change means an open connection is no longer allowed, with the
+/// reason. Never resolves otherwise.
+pub async fn revoked(
+    mut snapshot: watch::Receiver<Arc<Snapshot>>,
+    src_identity: Option<Identity>,
+    src: IpAddr,
+    dst: SocketAddr,
+) -> String {
+    loop {
+        if snapshot.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        let snap = snapshot.borrow_and_update().clone();
+        if let Err(reason) = decide(&snap, src_identity.as_ref(), src, dst) {
+            warn!(%src, %dst, reason = %reason, "policy changed: closing an open connection that is now denied");
+            return reason;
+        }
+    }
+}
+
 /// One access-log line per connection, written when the connection ends (or its task is
 /// cancelled), so no connection goes unlogged.
 #[derive(Debug)]
@@ -105,6 +171,7 @@ pub struct AccessLog {
     dst_hbone: Option<SocketAddr>,
     dst_identity: Option<Identity>,
     dst_workload: Option<String>,
+    dst_service: Option<String>,
     start: Instant,
     /// Bytes client→server (`a_to_b`) and server→client (`b_to_a`).
     pub counters: Arc<Counters>,
@@ -124,6 +191,7 @@ impl AccessLog {
             dst_hbone: None,
             dst_identity: None,
             dst_workload: None,
+            dst_service: None,
             start: Instant::now(),
             counters: Arc::default(),
             error: None,
@@ -149,6 +217,11 @@ impl AccessLog {
             self.protocol = "HBONE";
         }
         self.dst_hbone = hbone;
+    }
+
+    /// The service whose VIP the client dialled.
+    pub fn service(&mut self, name: String) {
+        self.dst_service = Some(name);
     }
 
     /// Marks the connection as received over HBONE (inbound side).
@@ -177,6 +250,7 @@ impl Drop for AccessLog {
             dst.hbone_addr = %self.dst_hbone.map(|a| a.to_string()).unwrap_or_default(),
             dst.identity = %opt(&self.dst_identity),
             dst.workload = self.dst_workload.as_deref().unwrap_or_default(),
+            dst.service = self.dst_service.as_deref().unwrap_or_default(),
             bytes_sent = sent,
             bytes_recv = received,
             duration_ms = self.start.elapsed().as_millis() as u64,

@@ -4,16 +4,22 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::net::IpAddr;
+
+use ambit_shared::config::{Protocol, Service};
 use ambit_shared::copy;
 use ambit_shared::hbone::{self, H2Stream, PoolKey};
 use ambit_shared::ports;
 use ambit_shared::tls;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{Instrument, debug, info_span, warn};
 
+use super::balance::Lease;
 use super::{AccessLog, Pod, ProxyContext};
+use crate::state::Snapshot;
 use crate::capture::connect_in;
 
 /// Handles one captured connection from `pod`.
@@ -38,38 +44,97 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
             log.fail(format!("refused call to ztunnel's own port {}", dst.port()));
             return;
         }
-        let config = ctx.config.borrow().clone();
-        let target = config
-            .workload_by_ip(dst.ip())
-            .filter(|w| config.is_enrolled(w));
-        let copied = match target {
-            Some(w) => {
-                let dst_identity = match config.identity_of(w) {
-                    Ok(id) => id,
-                    Err(e) => return refuse(&stream, &mut log, e),
-                };
-                let hbone_addr = SocketAddr::new(dst.ip(), ports::HBONE);
-                log.destination(
-                    Some(dst_identity.clone()),
-                    Some(format!("{}/{}", w.namespace, w.name)),
-                    Some(hbone_addr),
-                );
-                match open_tunnel(peer, dst, hbone_addr, dst_identity, &pod, &ctx).await {
-                    Ok(tunnel) => copy::bidirectional(stream, tunnel, &log.counters).await,
-                    Err(e) => return refuse(&stream, &mut log, e),
-                }
-            }
-            None => match connect_in(&pod.netns, dst, None).await {
-                Ok(upstream) => copy::bidirectional(stream, upstream, &log.counters).await,
-                Err(e) => return refuse(&stream, &mut log, format!("connect {dst}: {e}")),
-            },
+        let snapshot = ctx.snapshot.borrow().clone();
+        let upstream = match snapshot.service_by_vip(dst.ip()) {
+            Some((svc, endpoints)) => to_service(peer, dst, svc, endpoints, &snapshot, &pod, &ctx, &mut log).await,
+            None => to_address(peer, dst, &snapshot, &pod, &ctx, &mut log).await.map(|io| (io, None)),
         };
-        if let Err(e) = copied.or_else(ignore_close) {
+        let (upstream, _lease) = match upstream {
+            Ok(u) => u,
+            Err(e) => return refuse(&stream, &mut log, e),
+        };
+        if let Err(e) = copy::bidirectional(stream, upstream, &log.counters).await.or_else(ignore_close) {
             log.fail(e);
         }
     }
     .instrument(span)
     .await
+}
+
+/// Connect attempts on distinct endpoints before a service connection fails.
+const MAX_SERVICE_ATTEMPTS: usize = 3;
+
+/// Anything we can copy bytes to and from: a tunnel stream or a plain TCP connection.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// Connects to a single address: HBONE to an enrolled workload, plaintext otherwise.
+async fn to_address(
+    peer: SocketAddr,
+    dst: SocketAddr,
+    snapshot: &Snapshot,
+    pod: &Arc<Pod>,
+    ctx: &ProxyContext,
+    log: &mut AccessLog,
+) -> Result<Box<dyn Io>, String> {
+    match snapshot.workload_by_ip(dst.ip()).filter(|w| snapshot.config.is_enrolled(w)) {
+        Some(w) => {
+            let dst_identity = snapshot.config.identity_of(w).map_err(|e| e.to_string())?;
+            let hbone_addr = SocketAddr::new(dst.ip(), ports::HBONE);
+            log.destination(Some(dst_identity.clone()), Some(format!("{}/{}", w.namespace, w.name)), Some(hbone_addr));
+            let tunnel = open_tunnel(peer, dst, hbone_addr, dst_identity, pod, ctx).await.map_err(|e| e.to_string())?;
+            Ok(Box::new(tunnel))
+        }
+        None => {
+            log.destination(None, None, None);
+            let tcp = connect_in(&pod.netns, dst, None).await.map_err(|e| format!("connect {dst}: {e}"))?;
+            Ok(Box::new(tcp))
+        }
+    }
+}
+
+/// Connects to one of a service's endpoints, retrying connect failures on others.
+#[allow(clippy::too_many_arguments)]
+async fn to_service(
+    peer: SocketAddr,
+    vip: SocketAddr,
+    svc: &Service,
+    endpoints: &[IpAddr],
+    snapshot: &Snapshot,
+    pod: &Arc<Pod>,
+    ctx: &ProxyContext,
+    log: &mut AccessLog,
+) -> Result<(Box<dyn Io>, Option<Lease>), String> {
+    let name = format!("{}/{}", svc.namespace, svc.name);
+    log.service(name.clone());
+    let port = svc
+        .ports
+        .iter()
+        .find(|p| p.port == vip.port() && p.protocol == Protocol::Tcp)
+        .ok_or_else(|| format!("service {name} has no TCP port {}", vip.port()))?;
+    let target_port = port.target_port.unwrap_or(port.port);
+    if endpoints.is_empty() {
+        return Err(format!("service {name} has no endpoints"));
+    }
+    let mut tried = Vec::new();
+    let mut last_error = String::new();
+    while tried.len() < MAX_SERVICE_ATTEMPTS {
+        let Some(ip) = ctx.balancer.pick(endpoints, &tried) else { break };
+        tried.push(ip);
+        let dst = SocketAddr::new(ip, target_port);
+        match to_address(peer, dst, snapshot, pod, ctx, log).await {
+            Ok(io) => {
+                ctx.balancer.succeeded(ip);
+                return Ok((io, Some(ctx.balancer.lease(ip))));
+            }
+            Err(e) => {
+                let ejected_for = ctx.balancer.failed(ip);
+                warn!(service = %name, endpoint = %dst, error = %e, ?ejected_for, "endpoint failed; ejected, trying another");
+                last_error = format!("{dst}: {e}");
+            }
+        }
+    }
+    Err(format!("service {name}: {} endpoint(s) failed, last {last_error}", tried.len()))
 }
 
 /// Fails a connection we could not serve: the app gets a reset, as it would from a host
