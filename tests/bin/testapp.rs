@@ -111,6 +111,10 @@ enum Cmd {
         timeout_secs: u64,
         #[arg(long)]
         send: Option<String>,
+        /// Keep the write side open after sending (no half-close), so the connection
+        /// stays up until the peer or the deadline ends it.
+        #[arg(long)]
+        hold: bool,
     },
 }
 
@@ -181,7 +185,8 @@ fn main() -> ExitCode {
                 to,
                 timeout_secs,
                 send,
-            } => connect(&to, secs(timeout_secs), send.as_deref()).await,
+                hold,
+            } => connect(&to, secs(timeout_secs), send.as_deref(), hold).await,
         }
     })
 }
@@ -437,7 +442,7 @@ async fn round_trip(to: &str, len: usize, seed: u64) -> Result<(), String> {
     }
 }
 
-async fn connect(to: &str, limit: Duration, send: Option<&str>) -> ExitCode {
+async fn connect(to: &str, limit: Duration, send: Option<&str>, hold: bool) -> ExitCode {
     let start = Instant::now();
     let deadline = TokioInstant::now() + limit;
     let mut received = Vec::new();
@@ -452,7 +457,7 @@ async fn connect(to: &str, limit: Duration, send: Option<&str>) -> ExitCode {
             // the mesh capturing, the local listener always completes it; use
             // --send to learn whether the far end is reachable.)
             None => ("ok", None),
-            Some(payload) => exchange(&mut stream, payload, deadline, &mut received).await,
+            Some(payload) => exchange(&mut stream, payload, hold, deadline, &mut received).await,
         },
     };
     let mut out = json!({
@@ -467,17 +472,20 @@ async fn connect(to: &str, limit: Duration, send: Option<&str>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Sends `payload`, half-closes (so an echo or sink server finishes and
-/// closes), then reads until EOF, an error or the deadline.
+/// Sends `payload`, half-closes unless `hold` (so an echo or sink server
+/// finishes and closes), then reads until EOF, an error or the deadline.
 async fn exchange(
     stream: &mut TcpStream,
     payload: &str,
+    hold: bool,
     deadline: TokioInstant,
     received: &mut Vec<u8>,
 ) -> (&'static str, Option<String>) {
     let io = async {
         stream.write_all(payload.as_bytes()).await?;
-        stream.shutdown().await?;
+        if !hold {
+            stream.shutdown().await?;
+        }
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             let n = stream.read(&mut buf).await?;
