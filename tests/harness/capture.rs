@@ -59,6 +59,10 @@ impl Capture {
             // now rather than when a TPACKET_V3 block fills or times out,
             // so stopping right after traffic doesn't lose the tail.
             .args(["-U", "--immediate-mode"])
+            // A 64 MiB kernel buffer: with the default 2 MiB, bursts of tunnelled bulk
+            // traffic overflow it and a "marker never in the clear" check would be read
+            // from a capture that missed half the stream.
+            .args(["-B", "65536"])
             // Debian's tcpdump drops to user "tcpdump" after opening the
             // device, which could not write into our root-owned directory.
             .args(["-Z", "root", "-w"])
