@@ -32,15 +32,30 @@ fn mesh() -> Result<Mesh> {
     let cluster = Cluster::new()?;
     let a = cluster.add_node("a")?;
     let b = cluster.add_node("b")?;
-    let frontend = cluster.add_pod(&a, PodSpec::new("frontend").namespace("shop").service_account("frontend"))?;
-    let batch = cluster.add_pod(&a, PodSpec::new("batch").namespace("jobs").service_account("batch"))?;
+    let frontend = cluster.add_pod(
+        &a,
+        PodSpec::new("frontend")
+            .namespace("shop")
+            .service_account("frontend"),
+    )?;
+    let batch = cluster.add_pod(
+        &a,
+        PodSpec::new("batch")
+            .namespace("jobs")
+            .service_account("batch"),
+    )?;
     let plain = cluster.add_pod(&a, PodSpec::new("plain").namespace("legacy"))?;
     let mut apis = Vec::new();
     for i in 1..=3 {
-        apis.push(cluster.add_pod(
-            &b,
-            PodSpec::new(format!("api-{i}")).namespace("shop").service_account("api").label("app", "api"),
-        )?);
+        apis.push(
+            cluster.add_pod(
+                &b,
+                PodSpec::new(format!("api-{i}"))
+                    .namespace("shop")
+                    .service_account("api")
+                    .label("app", "api"),
+            )?,
+        );
     }
     cluster.enroll_namespace("shop")?;
     cluster.enroll_namespace("jobs")?;
@@ -49,14 +64,30 @@ fn mesh() -> Result<Mesh> {
     cluster.init_ca("cluster.local")?;
     let mut apps = Vec::new();
     for api in &apis {
-        apps.push(api.spawn_testapp(&["http", "--listen", "0.0.0.0:8080", "--name", api.name()])?);
+        apps.push(api.spawn_testapp(&[
+            "http",
+            "--listen",
+            "0.0.0.0:8080",
+            "--name",
+            api.name(),
+        ])?);
         apps.push(api.spawn_testapp(&["echo", "--listen", "0.0.0.0:9090"])?);
     }
     let zt_a = a.start_ztunnel(&ZtunnelOpts::default())?;
     let zt_b = b.start_ztunnel(&ZtunnelOpts::default())?;
     zt_a.wait_ready(LONG)?;
     zt_b.wait_ready(LONG)?;
-    Ok(Mesh { _apps: apps, zt_a, zt_b, frontend, batch, plain, apis, _nodes: (a, b), cluster })
+    Ok(Mesh {
+        _apps: apps,
+        zt_a,
+        zt_b,
+        frontend,
+        batch,
+        plain,
+        apis,
+        _nodes: (a, b),
+        cluster,
+    })
 }
 
 fn field_str<'a>(v: &'a Value, key: &str) -> &'a str {
@@ -71,7 +102,8 @@ impl Mesh {
     /// Replaces a top-level config section, writes the file, and waits until both
     /// ztunnels have reloaded it.
     fn apply(&self, section: &str, yaml: &str) -> Result<()> {
-        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(yaml).with_context(|| format!("test YAML: {yaml}"))?;
+        let value: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(yaml).with_context(|| format!("test YAML: {yaml}"))?;
         let cursors = (self.zt_a.log_cursor(), self.zt_b.log_cursor());
         let before = self.cluster.config();
         self.cluster.edit_config(|c| match (section, value) {
@@ -99,7 +131,18 @@ impl Mesh {
             return Ok(String::from_utf8_lossy(&out.stdout).contains("hello from api-1"));
         }
         let to = format!("{}:{port}", self.api().ip());
-        let r = from.run_testapp(&["connect", "--to", &to, "--timeout-secs", "2", "--send", "ping"], SHORT)?;
+        let r = from.run_testapp(
+            &[
+                "connect",
+                "--to",
+                &to,
+                "--timeout-secs",
+                "2",
+                "--send",
+                "ping",
+            ],
+            SHORT,
+        )?;
         Ok(r["received"] == "ping")
     }
 }
@@ -120,7 +163,13 @@ fn authorization_policy_table() -> Result<()> {
     let ip = |p: &Pod| p.ip().to_string();
     let (frontend_ip, plain_ip) = (ip(&m.frontend), ip(&m.plain));
     let cases = [
-        Case { name: "no policy allows", policies: "[]", from: "frontend", port: 8080, denied: None },
+        Case {
+            name: "no policy allows",
+            policies: "[]",
+            from: "frontend",
+            port: 8080,
+            denied: None,
+        },
         Case {
             name: "ALLOW principal matches",
             policies: "[{name: p, namespace: shop, action: ALLOW, rules: [{from: [{principals: ['spiffe://cluster.local/ns/shop/sa/frontend']}]}]}]",
@@ -170,7 +219,13 @@ fn authorization_policy_table() -> Result<()> {
             port: 9090,
             denied: Some("no ALLOW policy matched"),
         },
-        Case { name: "ALLOW ipBlocks for plaintext", policies: "PLAIN_CIDR_ALLOW", from: "plain", port: 8080, denied: None },
+        Case {
+            name: "ALLOW ipBlocks for plaintext",
+            policies: "PLAIN_CIDR_ALLOW",
+            from: "plain",
+            port: 8080,
+            denied: None,
+        },
         Case {
             name: "ALLOW ipBlocks misses other sources",
             policies: "PLAIN_CIDR_ALLOW",
@@ -185,7 +240,13 @@ fn authorization_policy_table() -> Result<()> {
             port: 8080,
             denied: Some("denied by policy shop/frontend-only"),
         },
-        Case { name: "DENY notIpBlocks spares the block", policies: "FRONTEND_ONLY", from: "frontend", port: 8080, denied: None },
+        Case {
+            name: "DENY notIpBlocks spares the block",
+            policies: "FRONTEND_ONLY",
+            from: "frontend",
+            port: 8080,
+            denied: None,
+        },
         Case {
             name: "ALLOW serviceAccounts",
             policies: "[{name: sa, namespace: shop, action: ALLOW, rules: [{from: [{serviceAccounts: [shop/frontend]}]}]}]",
@@ -240,7 +301,9 @@ fn authorization_policy_table() -> Result<()> {
     for case in &cases {
         let policies = match case.policies {
             "PLAIN_CIDR_ALLOW" => {
-                format!("[{{name: office, namespace: shop, action: ALLOW, rules: [{{from: [{{ipBlocks: ['{plain_ip}/32']}}]}}]}}]")
+                format!(
+                    "[{{name: office, namespace: shop, action: ALLOW, rules: [{{from: [{{ipBlocks: ['{plain_ip}/32']}}]}}]}}]"
+                )
             }
             "FRONTEND_ONLY" => format!(
                 "[{{name: frontend-only, namespace: shop, action: DENY, rules: [{{from: [{{notIpBlocks: ['{frontend_ip}']}}]}}]}}]"
@@ -267,7 +330,9 @@ fn authorization_policy_table() -> Result<()> {
                         && field_str(v, "src") == from.ip().to_string()
                         && field_str(v, "reason").contains(reason)
                 });
-                line.with_context(|| format!("case `{}`: no denial log with `{reason}`", case.name))?;
+                line.with_context(|| {
+                    format!("case `{}`: no denial log with `{reason}`", case.name)
+                })?;
                 if from.name() != "plain" {
                     // The source's ztunnel saw the destination answer 401.
                     m.zt_a
@@ -283,9 +348,12 @@ fn authorization_policy_table() -> Result<()> {
     m.apply("authorizationPolicies", "[{name: watch, namespace: shop, action: AUDIT, rules: [{}]}, {name: dry, namespace: shop, action: DENY, dryRun: true, rules: [{}]}]")?;
     let cursor = m.zt_b.log_cursor();
     ensure!(m.reaches(&m.frontend, 8080)?, "audit must not block");
-    m.zt_b.wait_for_log_since(cursor, SHORT, |v| message(v) == Some("AUDIT policy matched") && field_str(v, "policy") == "shop/watch")?;
     m.zt_b.wait_for_log_since(cursor, SHORT, |v| {
-        message(v) == Some("dry-run policy matched; not enforced") && field_str(v, "policy") == "shop/dry"
+        message(v) == Some("AUDIT policy matched") && field_str(v, "policy") == "shop/watch"
+    })?;
+    m.zt_b.wait_for_log_since(cursor, SHORT, |v| {
+        message(v) == Some("dry-run policy matched; not enforced")
+            && field_str(v, "policy") == "shop/dry"
     })?;
     Ok(())
 }
@@ -318,7 +386,12 @@ fn a_policy_change_closes_open_connections_it_now_denies() -> Result<()> {
     // Both connections are open once the echo server holds two delivered connections.
     wait_until(SHORT, || {
         m.api()
-            .run_ok(m.api().command("ss").args(["-Htn", "state", "established", "( sport = :9090 )"]), SHORT)
+            .run_ok(
+                m.api()
+                    .command("ss")
+                    .args(["-Htn", "state", "established", "( sport = :9090 )"]),
+                SHORT,
+            )
             .is_ok_and(|out| out.lines().filter(|l| !l.trim().is_empty()).count() >= 2)
     })
     .context("the two connections never opened")?;
@@ -332,19 +405,38 @@ fn a_policy_change_closes_open_connections_it_now_denies() -> Result<()> {
         message(v) == Some("policy changed: closing an open connection that is now denied")
             && field_str(v, "src") == m.frontend.ip().to_string()
     })?;
-    held.wait(SHORT).context("the denied connection stayed open")?;
-    ensure!(start.elapsed() < Duration::from_secs(15), "closed only after {:?}", start.elapsed());
-    let out: Value = serde_json::from_str(held.output_text().lines().last().unwrap_or_default()).context("connect JSON")?;
-    assert_eq!(out["received"], "ping", "the connection worked before the change: {out}");
-    assert!(matches!(out["result"].as_str(), Some("ok" | "eof" | "reset")), "{out}");
+    held.wait(SHORT)
+        .context("the denied connection stayed open")?;
+    ensure!(
+        start.elapsed() < Duration::from_secs(15),
+        "closed only after {:?}",
+        start.elapsed()
+    );
+    let out: Value = serde_json::from_str(held.output_text().lines().last().unwrap_or_default())
+        .context("connect JSON")?;
+    assert_eq!(
+        out["received"], "ping",
+        "the connection worked before the change: {out}"
+    );
+    assert!(
+        matches!(out["result"].as_str(), Some("ok" | "eof" | "reset")),
+        "{out}"
+    );
     // The allowed connection stayed up until its own timeout.
     bystander.wait(SHORT)?;
-    let out: Value = serde_json::from_str(bystander.output_text().lines().last().unwrap_or_default())?;
-    assert_eq!(out["result"], "timeout", "an unaffected connection was closed: {out}");
+    let out: Value =
+        serde_json::from_str(bystander.output_text().lines().last().unwrap_or_default())?;
+    assert_eq!(
+        out["result"], "timeout",
+        "an unaffected connection was closed: {out}"
+    );
     let access = m.zt_b.wait_for_log_since(cursor, SHORT, |v| {
         v["target"] == "access" && field_str(v, "error").starts_with("closed by policy change")
     })?;
-    assert_eq!(field_str(&access, "src.identity"), "spiffe://cluster.local/ns/shop/sa/frontend");
+    assert_eq!(
+        field_str(&access, "src.identity"),
+        "spiffe://cluster.local/ns/shop/sa/frontend"
+    );
     Ok(())
 }
 
@@ -352,23 +444,39 @@ fn a_policy_change_closes_open_connections_it_now_denies() -> Result<()> {
 fn strict_refuses_plaintext_and_permissive_accepts_it() -> Result<()> {
     harness::skip_or_fail!(Ok(()));
     let m = mesh()?;
-    ensure!(m.reaches(&m.plain, 8080)?, "PERMISSIVE by default must accept plaintext");
-    m.apply("peerAuthentications", "[{name: strict-shop, namespace: shop, mode: STRICT}]")?;
+    ensure!(
+        m.reaches(&m.plain, 8080)?,
+        "PERMISSIVE by default must accept plaintext"
+    );
+    m.apply(
+        "peerAuthentications",
+        "[{name: strict-shop, namespace: shop, mode: STRICT}]",
+    )?;
     let cursor = m.zt_b.log_cursor();
     ensure!(!m.reaches(&m.plain, 8080)?, "STRICT must refuse plaintext");
     m.zt_b.wait_for_log_since(cursor, SHORT, |v| {
-        field_str(v, "reason").contains("plaintext refused by STRICT peer authentication strict-shop")
+        field_str(v, "reason")
+            .contains("plaintext refused by STRICT peer authentication strict-shop")
     })?;
-    ensure!(m.reaches(&m.frontend, 8080)?, "STRICT must still accept mTLS");
+    ensure!(
+        m.reaches(&m.frontend, 8080)?,
+        "STRICT must still accept mTLS"
+    );
     // The most specific policy wins: a workload-level PERMISSIVE overrides the namespace.
     m.apply(
         "peerAuthentications",
         "[{name: strict-shop, namespace: shop, mode: STRICT}, {name: api-open, namespace: shop, selector: {app: api}, mode: PERMISSIVE}]",
     )?;
-    ensure!(m.reaches(&m.plain, 8080)?, "workload PERMISSIVE must override namespace STRICT");
+    ensure!(
+        m.reaches(&m.plain, 8080)?,
+        "workload PERMISSIVE must override namespace STRICT"
+    );
     // A mesh-wide STRICT applies too.
     m.apply("peerAuthentications", "[{name: mesh-strict, mode: STRICT}]")?;
-    ensure!(!m.reaches(&m.plain, 8080)?, "mesh-wide STRICT must refuse plaintext");
+    ensure!(
+        !m.reaches(&m.plain, 8080)?,
+        "mesh-wide STRICT must refuse plaintext"
+    );
     Ok(())
 }
 
@@ -376,7 +484,15 @@ fn strict_refuses_plaintext_and_permissive_accepts_it() -> Result<()> {
 fn requests(from: &Pod, url: &str, n: usize) -> Result<Vec<String>> {
     let mut cmd = from.command("curl");
     // Each transfer prints its body (one line) and then a line ` <status>`.
-    cmd.args(["-s", "-m", "5", "-H", "Connection: close", "-w", " %{http_code}\n"]);
+    cmd.args([
+        "-s",
+        "-m",
+        "5",
+        "-H",
+        "Connection: close",
+        "-w",
+        " %{http_code}\n",
+    ]);
     for _ in 0..n {
         cmd.arg(url);
     }
@@ -385,7 +501,10 @@ fn requests(from: &Pod, url: &str, n: usize) -> Result<Vec<String>> {
     let mut results = Vec::new();
     let mut body = String::new();
     for line in text.lines() {
-        match line.strip_prefix(' ').filter(|s| s.len() == 3 && s.bytes().all(|b| b.is_ascii_digit())) {
+        match line
+            .strip_prefix(' ')
+            .filter(|s| s.len() == 3 && s.bytes().all(|b| b.is_ascii_digit()))
+        {
             Some("200") => results.push(std::mem::take(&mut body)),
             Some(_) => {
                 body.clear();
@@ -412,13 +531,23 @@ fn service_vip_balances_across_endpoints_and_survives_a_dead_one() -> Result<()>
     )?;
     let url = format!("http://{vip}/");
     let bodies = requests(&m.frontend, &url, 1000)?;
-    ensure!(bodies.len() == 1000, "expected 1000 answers, got {}", bodies.len());
+    ensure!(
+        bodies.len() == 1000,
+        "expected 1000 answers, got {}",
+        bodies.len()
+    );
     for api in &m.apis {
         let want = format!("hello from {}", api.name());
         let n = bodies.iter().filter(|b| **b == want).count();
-        ensure!((283..=383).contains(&n), "{} served {n} of 1000 (outside ±15 % of 333)", api.name());
+        ensure!(
+            (283..=383).contains(&n),
+            "{} served {n} of 1000 (outside ±15 % of 333)",
+            api.name()
+        );
     }
-    let access = m.zt_a.wait_for_log(SHORT, |v| v["target"] == "access" && field_str(v, "dst.service") == "shop/api")?;
+    let access = m.zt_a.wait_for_log(SHORT, |v| {
+        v["target"] == "access" && field_str(v, "dst.service") == "shop/api"
+    })?;
     assert_eq!(field_str(&access, "protocol"), "HBONE");
     assert_eq!(field_str(&access, "dst.addr"), format!("{vip}:80"));
 
@@ -428,18 +557,40 @@ fn service_vip_balances_across_endpoints_and_survives_a_dead_one() -> Result<()>
     let bodies = requests(&m.frontend, &url, 300)?;
     let failed = bodies.iter().filter(|b| *b == "FAILED").count();
     let served_by_dead = bodies.iter().filter(|b| *b == "hello from api-3").count();
-    ensure!(failed == 0, "{failed} of 300 requests failed after an endpoint died");
-    ensure!(served_by_dead == 0, "the dead endpoint served {served_by_dead}");
-    m.zt_a.wait_for_log(SHORT, |v| message(v) == Some("endpoint failed; ejected, trying another"))?;
+    ensure!(
+        failed == 0,
+        "{failed} of 300 requests failed after an endpoint died"
+    );
+    ensure!(
+        served_by_dead == 0,
+        "the dead endpoint served {served_by_dead}"
+    );
+    m.zt_a.wait_for_log(SHORT, |v| {
+        message(v) == Some("endpoint failed; ejected, trying another")
+    })?;
 
     // A service with no endpoints fails fast, with a reason.
     let start = Instant::now();
     let r = m.frontend.run_testapp(
-        &["connect", "--to", &format!("10.{}.250.11:80", m.cluster.slot()), "--timeout-secs", "5", "--send", "x"],
+        &[
+            "connect",
+            "--to",
+            &format!("10.{}.250.11:80", m.cluster.slot()),
+            "--timeout-secs",
+            "5",
+            "--send",
+            "x",
+        ],
         SHORT,
     )?;
     ensure!(r["received"] == "", "{r}");
-    ensure!(start.elapsed() < Duration::from_secs(3), "no-endpoint service took {:?}", start.elapsed());
-    m.zt_a.wait_for_log(SHORT, |v| field_str(v, "error").contains("service shop/empty has no endpoints"))?;
+    ensure!(
+        start.elapsed() < Duration::from_secs(3),
+        "no-endpoint service took {:?}",
+        start.elapsed()
+    );
+    m.zt_a.wait_for_log(SHORT, |v| {
+        field_str(v, "error").contains("service shop/empty has no endpoints")
+    })?;
     Ok(())
 }

@@ -238,6 +238,15 @@ fn cross_node_wire_carries_only_tls_on_15008() -> Result<()> {
     assert_eq!(sent["match"], Value::Bool(true), "sink reply: {sent}");
     assert_eq!((status, body.as_str()), (200, "hello from api\n"));
 
+    // The absence checks below only mean something if the capture holds the stream.
+    let captured: u64 = tshark_fields(&pcap, "tcp.port == 15008", "tcp.len")?
+        .iter()
+        .filter_map(|l| l.parse::<u64>().ok())
+        .sum();
+    assert!(
+        captured >= 4_194_304,
+        "capture holds only {captured} bytes of the 4 MiB transfer"
+    );
     assert!(
         !pcap_contains(&pcap, marker.as_bytes()),
         "marker seen in the clear on the node link"
