@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * Ambit traffic capture, without iptables and without rewriting addresses.
+ * Ambit traffic capture, without iptables, and without rewriting addresses
+ * except for DNS.
  *
  * Outbound: `cgroup/connect4|6` marks a pod's TCP sockets with CAPTURE_MARK.
  * Policy routing in the pod netns (`fwmark 0x1000/0x1000 lookup 100`, table
@@ -11,6 +12,16 @@
  * Inbound: `sk_lookup` hands connections to the pod IP to the pod's 15006
  * listener, except HBONE (15008) and ztunnel's own deliveries from 127.0.0.6.
  *
+ * DNS: UDP and TCP to port 53 are the one place where an address is
+ * rewritten. The connect and sendmsg hooks send them to the pod's DNS proxy
+ * on 127.0.0.1:15053 (same netns, so no routing tricks are needed, and
+ * sendmsg rewrites each datagram of an unconnected socket, which a routing
+ * mark set from that hook would only do from the next datagram on). The
+ * server the app asked is kept in socket-local storage, and the recvmsg and
+ * getpeername hooks put it back, so resolvers that check where a reply came
+ * from (glibc, musl, dig) accept the proxy's answers; getsockname shows the
+ * pod IP where the kernel bound 127.0.0.1. See dns_capture().
+ *
  * Fail closed, and fast: when ztunnel is down its listeners are closed, and
  * the kernel removes a closed socket from every sockhash by itself (no
  * user-space clean-up, so this also holds after SIGKILL). The connect hooks
@@ -19,7 +30,8 @@
  * dropped SYN cannot be answered with a RST: its source would be the
  * non-local original destination). Behind that, sk_lookup still drops any
  * SYN that finds no listener (ztunnel died between connect() and the SYN),
- * so nothing leaves the pod unencrypted either way.
+ * so nothing leaves the pod unencrypted either way. DNS fails the same way
+ * (EPERM from connect() and sendmsg()); see dns_capture().
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_endian.h>
@@ -65,6 +77,28 @@ struct {
 	__type(value, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } inbound_listeners SEC(".maps");
+
+/* Pod IP -> that pod's DNS proxy UDP socket (127.0.0.1:15053). Only its
+ * presence is used: it says "DNS of this pod is proxied, and the proxy is
+ * alive" (the kernel removes a closed socket from the map by itself). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, MAX_PODS);
+	__type(key, struct ip_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dns_listeners SEC(".maps");
+
+/* Per app socket: the DNS server it addressed before redirection. Pinned so
+ * that a restarted ztunnel's programs keep restoring addresses for sockets
+ * redirected by the previous ones; freed with the socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct dns_origin);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dns_origins SEC(".maps");
 
 /* ip4 is in network byte order, as in every BPF context. */
 static __always_inline void key_from_v4(struct ip_key *key, __u32 ip4)
@@ -123,6 +157,182 @@ static __always_inline int outbound_listener_alive(const struct ip_key *pod_ip)
 	return alive;
 }
 
+/* Is the pod's DNS proxy socket alive? Presence in the sockhash is enough:
+ * a UDP socket leaves it when it is closed. */
+static __always_inline int dns_listener_alive(const struct ip_key *pod_ip)
+{
+	struct bpf_sock *listener = bpf_map_lookup_elem(&dns_listeners, pod_ip);
+	if (!listener)
+		return 0;
+	bpf_sk_release(listener);
+	return 1;
+}
+
+enum dns_verdict {
+	/* Not a DNS query this program proxies: carry on as without DNS capture. */
+	DNS_SKIP,
+	/* Send it to the pod's DNS proxy (dns_redirect4/6). */
+	DNS_REDIRECT,
+	/* Refuse the connect()/sendmsg() with EPERM. */
+	DNS_REFUSE,
+};
+
+/*
+ * Shared by the connect and sendmsg hooks of both families. A DNS query
+ * (UDP or TCP to port 53) from an enrolled pod, not from ztunnel's own
+ * sockets and not to loopback or the pod itself, is
+ *
+ * - redirected when the pod's DNS proxy is alive;
+ * - refused (EPERM) when ztunnel is down, i.e. the pod's 15001 listener is
+ *   gone too: DNS fails fast and closed, like TCP, instead of silently
+ *   reaching a server ztunnel would not have chosen. Resolvers move on to
+ *   their next server or report the error at once; nothing hangs;
+ * - left alone when ztunnel is up but has no DNS proxy for this pod (the
+ *   proxy is turned off, or its socket was closed): the query goes to the
+ *   server the app asked, exactly as without a mesh.
+ */
+static __always_inline int dns_capture(struct bpf_sock_addr *ctx, const struct ip_key *dst,
+					struct ip_key *pod_ip_out)
+{
+	if (ctx->user_port != bpf_htons(DNS_PORT))
+		return DNS_SKIP;
+	__u32 type = ctx->type;
+	__u32 protocol = ctx->protocol;
+	if (!(type == AMBIT_SOCK_DGRAM && protocol == AMBIT_IPPROTO_UDP) &&
+	    !(type == AMBIT_SOCK_STREAM && protocol == AMBIT_IPPROTO_TCP))
+		return DNS_SKIP;
+
+	__u64 cookie = bpf_get_netns_cookie(ctx);
+	struct enrolled_value *pod = bpf_map_lookup_elem(&enrolled, &cookie);
+	if (!pod)
+		return DNS_SKIP;
+	struct ip_key pod_ip = pod->pod_ip;
+
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk || sk->mark == ZTUNNEL_MARK)
+		return DNS_SKIP;
+	if (key_is_local_only(dst) || key_eq(dst, &pod_ip))
+		return DNS_SKIP;
+
+	if (!outbound_listener_alive(&pod_ip))
+		return DNS_REFUSE;
+	if (!dns_listener_alive(&pod_ip))
+		return DNS_SKIP;
+	*pod_ip_out = pod_ip;
+	return DNS_REDIRECT;
+}
+
+/* Remembers where the app meant to go, for recvmsg/getpeername. The key is
+ * stored as given (v4-mapped for IPv4, also on IPv6 sockets). Without
+ * storage the redirection could not be undone and the resolver would drop
+ * the replies, so the caller refuses instead. */
+static __always_inline int dns_remember(struct bpf_sock_addr *ctx, const struct ip_key *dst,
+					 const struct ip_key *pod_ip)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 0;
+	struct dns_origin *origin =
+		bpf_sk_storage_get(&dns_origins, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!origin)
+		return 0;
+	origin->addr = *dst;
+	origin->pod_ip = *pod_ip;
+	origin->port = ctx->user_port;
+	return 1;
+}
+
+/* connect4/sendmsg4: 1 to go on (redirected or not), 0 to refuse. Sets
+ * *handled when the DNS verdict decided the outcome. */
+static __always_inline int dns_redirect4(struct bpf_sock_addr *ctx, const struct ip_key *dst,
+					 int *handled)
+{
+	struct ip_key pod_ip = {};
+	*handled = 1;
+	switch (dns_capture(ctx, dst, &pod_ip)) {
+	case DNS_REFUSE:
+		return 0;
+	case DNS_REDIRECT:
+		if (!dns_remember(ctx, dst, &pod_ip))
+			return 0;
+		ctx->user_ip4 = bpf_htonl(LOOPBACK_ADDR_HOST);
+		ctx->user_port = bpf_htons(DNS_PROXY_PORT);
+		return 1;
+	default:
+		*handled = 0;
+		return 1;
+	}
+}
+
+/* connect6/sendmsg6. v4-mapped servers (dual-stack sockets) go to the
+ * proxy's v4-mapped address. There is no IPv6 proxy yet, so a native IPv6
+ * server is refused rather than reached around the proxy; resolvers then
+ * try their IPv4 servers. */
+static __always_inline int dns_redirect6(struct bpf_sock_addr *ctx, const struct ip_key *dst,
+					 int *handled)
+{
+	struct ip_key pod_ip = {};
+	*handled = 1;
+	switch (dns_capture(ctx, dst, &pod_ip)) {
+	case DNS_REFUSE:
+		return 0;
+	case DNS_REDIRECT:
+		if (!key_is_v4(dst) || !dns_remember(ctx, dst, &pod_ip))
+			return 0;
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+		ctx->user_ip6[3] = bpf_htonl(LOOPBACK_ADDR_HOST);
+		ctx->user_port = bpf_htons(DNS_PROXY_PORT);
+		return 1;
+	default:
+		*handled = 0;
+		return 1;
+	}
+}
+
+/* The stored server of a socket whose peer/source is the DNS proxy, or NULL. */
+static __always_inline struct dns_origin *dns_origin_of(struct bpf_sock_addr *ctx)
+{
+	if (ctx->user_port != bpf_htons(DNS_PROXY_PORT))
+		return 0;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 0;
+	return bpf_sk_storage_get(&dns_origins, sk, 0, 0);
+}
+
+/* recvmsg4/getpeername4: replies from (and the peer) 127.0.0.1:15053 are
+ * shown as the server the app asked. Must return 1. */
+static __always_inline int dns_restore4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->user_ip4 != bpf_htonl(LOOPBACK_ADDR_HOST))
+		return 1;
+	struct dns_origin *origin = dns_origin_of(ctx);
+	if (!origin || !key_is_v4(&origin->addr))
+		return 1;
+	ctx->user_ip4 = origin->addr.addr32[3];
+	ctx->user_port = origin->port;
+	return 1;
+}
+
+static __always_inline int dns_restore6(struct bpf_sock_addr *ctx)
+{
+	if (ctx->user_ip6[0] != 0 || ctx->user_ip6[1] != 0 ||
+	    ctx->user_ip6[2] != bpf_htonl(0x0000ffff) ||
+	    ctx->user_ip6[3] != bpf_htonl(LOOPBACK_ADDR_HOST))
+		return 1;
+	struct dns_origin *origin = dns_origin_of(ctx);
+	if (!origin)
+		return 1;
+	ctx->user_ip6[0] = origin->addr.addr32[0];
+	ctx->user_ip6[1] = origin->addr.addr32[1];
+	ctx->user_ip6[2] = origin->addr.addr32[2];
+	ctx->user_ip6[3] = origin->addr.addr32[3];
+	ctx->user_port = origin->port;
+	return 1;
+}
+
 /*
  * Shared by connect4 and connect6. Never rewrites the address: capture is
  * purely "set a routing mark". Returns 1 (allow the connect) or 0 (the
@@ -133,7 +343,9 @@ static __always_inline int outbound_listener_alive(const struct ip_key *pod_ip)
  * a SYN that sk_lookup drops and the app retransmits until it times out) or
  * when the mark cannot be set. Sockets that are not captured (not enrolled,
  * ztunnel's mark, loopback and pod-local destinations, UDP) are unaffected,
- * so a restarting ztunnel's own marked sockets still connect.
+ * so a restarting ztunnel's own marked sockets still connect. (UDP to port
+ * 53, and TCP to 53 while the pod's DNS is proxied, never get here: the
+ * hooks hand them to dns_redirect4/6 first.)
  */
 static __always_inline int mark_if_captured(struct bpf_sock_addr *ctx,
 					    const struct ip_key *dst)
@@ -172,11 +384,49 @@ static __always_inline int mark_if_captured(struct bpf_sock_addr *ctx,
 	return 1;
 }
 
+/* getsockname4/6: a redirected socket bound by the kernel to 127.0.0.1
+ * shows the pod IP instead, the address it would have had. Only the
+ * loopback address is replaced (a socket the app bound itself keeps its
+ * address), and only on sockets the DNS hooks redirected. Must return 1. */
+static __always_inline int dns_local4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->user_ip4 != bpf_htonl(LOOPBACK_ADDR_HOST))
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 1;
+	struct dns_origin *origin = bpf_sk_storage_get(&dns_origins, sk, 0, 0);
+	if (!origin || !key_is_v4(&origin->pod_ip))
+		return 1;
+	ctx->user_ip4 = origin->pod_ip.addr32[3];
+	return 1;
+}
+
+static __always_inline int dns_local6(struct bpf_sock_addr *ctx)
+{
+	if (ctx->user_ip6[0] != 0 || ctx->user_ip6[1] != 0 ||
+	    ctx->user_ip6[2] != bpf_htonl(0x0000ffff) ||
+	    ctx->user_ip6[3] != bpf_htonl(LOOPBACK_ADDR_HOST))
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 1;
+	struct dns_origin *origin = bpf_sk_storage_get(&dns_origins, sk, 0, 0);
+	if (!origin || !key_is_v4(&origin->pod_ip))
+		return 1;
+	ctx->user_ip6[3] = origin->pod_ip.addr32[3];
+	return 1;
+}
+
 SEC("cgroup/connect4")
 int ambit_connect4(struct bpf_sock_addr *ctx)
 {
 	struct ip_key dst;
 	key_from_v4(&dst, ctx->user_ip4);
+	int handled = 0;
+	int verdict = dns_redirect4(ctx, &dst, &handled);
+	if (handled)
+		return verdict;
 	return mark_if_captured(ctx, &dst);
 }
 
@@ -194,7 +444,70 @@ int ambit_connect6(struct bpf_sock_addr *ctx)
 	dst.addr32[1] = ctx->user_ip6[1];
 	dst.addr32[2] = ctx->user_ip6[2];
 	dst.addr32[3] = ctx->user_ip6[3];
+	int handled = 0;
+	int verdict = dns_redirect6(ctx, &dst, &handled);
+	if (handled)
+		return verdict;
 	return mark_if_captured(ctx, &dst);
+}
+
+/* Datagrams sent with an explicit address (unconnected UDP sockets, as musl
+ * and many stub resolvers use): the same DNS redirection, per datagram. */
+SEC("cgroup/sendmsg4")
+int ambit_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	struct ip_key dst;
+	key_from_v4(&dst, ctx->user_ip4);
+	int handled = 0;
+	return dns_redirect4(ctx, &dst, &handled);
+}
+
+SEC("cgroup/sendmsg6")
+int ambit_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	struct ip_key dst;
+	dst.addr32[0] = ctx->user_ip6[0];
+	dst.addr32[1] = ctx->user_ip6[1];
+	dst.addr32[2] = ctx->user_ip6[2];
+	dst.addr32[3] = ctx->user_ip6[3];
+	int handled = 0;
+	return dns_redirect6(ctx, &dst, &handled);
+}
+
+SEC("cgroup/recvmsg4")
+int ambit_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return dns_restore4(ctx);
+}
+
+SEC("cgroup/recvmsg6")
+int ambit_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return dns_restore6(ctx);
+}
+
+SEC("cgroup/getpeername4")
+int ambit_getpeername4(struct bpf_sock_addr *ctx)
+{
+	return dns_restore4(ctx);
+}
+
+SEC("cgroup/getpeername6")
+int ambit_getpeername6(struct bpf_sock_addr *ctx)
+{
+	return dns_restore6(ctx);
+}
+
+SEC("cgroup/getsockname4")
+int ambit_getsockname4(struct bpf_sock_addr *ctx)
+{
+	return dns_local4(ctx);
+}
+
+SEC("cgroup/getsockname6")
+int ambit_getsockname6(struct bpf_sock_addr *ctx)
+{
+	return dns_local6(ctx);
 }
 
 /* Steers the connection to the listener stored under `key`, or drops it when
@@ -240,9 +553,11 @@ int ambit_sk_lookup(struct bpf_sk_lookup *ctx)
 	/* Outbound: a captured SYN looped back through lo, from the pod to
 	 * somewhere else. Only lo qualifies: locally routed traffic to the pod IP
 	 * itself reports eth0, and real inbound traffic never comes from a pod
-	 * IP of ours on lo. */
+	 * IP of ours on lo. Loopback destinations are never captured (the
+	 * connect hooks leave them alone), also when the app bound its socket
+	 * to the pod IP: e.g. a DNS query redirected to 127.0.0.1:15053. */
 	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX && !key_eq(&remote, &local) &&
-	    bpf_map_lookup_elem(&pods, &remote))
+	    !key_is_local_only(&local) && bpf_map_lookup_elem(&pods, &remote))
 		return assign_or_drop(ctx, &outbound_listeners, &remote);
 
 	/* Inbound: to an enrolled pod's IP. */

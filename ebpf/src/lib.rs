@@ -15,6 +15,20 @@
 //! The accepted socket's `local_addr()` is the original destination, and the
 //! listener that accepted it tells which pod it came from.
 //!
+//! DNS is the one exception to "no rewriting": the connect hooks and
+//! `cgroup/sendmsg4|6` send a pod's UDP and TCP queries to port 53 to its DNS
+//! proxy on `127.0.0.1:`[`DNS_PROXY_PORT`] (registered with
+//! [`Capture::enroll_dns`]), and `cgroup/recvmsg4|6` and
+//! `cgroup/getpeername4|6` show the server the app asked in place of the
+//! proxy's address (and `cgroup/getsockname4|6` the pod IP in place of
+//! 127.0.0.1, for apps that learn their address from a UDP socket connected
+//! to a DNS server). Why rewriting rather than marking, as TCP does: a mark
+//! set from `sendmsg` applies from the next datagram on, so the first query
+//! of an unconnected socket (musl, many stub resolvers) would escape; and
+//! replies must come from the server's address *and port 53*, which a proxy
+//! socket bound to 15053 cannot send from. Rewriting handles both in the
+//! socket layer, for connected and unconnected sockets alike.
+//!
 //! # What ztunnel must set up per pod (this crate does not)
 //!
 //! In the pod netns, before [`Capture::enroll`]:
@@ -44,6 +58,10 @@
 //! - `127.0.0.1:15006`.
 //! - `0.0.0.0:15008`.
 //!
+//! For DNS, a UDP socket and a TCP listener on `127.0.0.1:15053` (also
+//! marked, nothing else needed), the UDP one registered with
+//! [`Capture::enroll_dns`] before [`Capture::enroll`].
+//!
 //! [`Capture::enroll`] checks that both sockhash listeners live in the pod's
 //! netns. Reuseport groups are fine; the program assigns the exact socket
 //! that was enrolled.
@@ -66,6 +84,13 @@
 //! enrolls the new ztunnel's listeners (reuseport siblings of the old ones)
 //! before the old ztunnel closes its own; re-enrolling swaps the sockhash
 //! entry in one step, so there is no gap.
+//!
+//! DNS follows the same rule: with ztunnel down (the pod's [`OUTBOUND_PORT`]
+//! listener gone) a pod's queries to port 53 fail at once with `EPERM` from
+//! `connect()` or `sendmsg()`, and resolvers report the failure instead of
+//! waiting out their timeouts. Only when ztunnel is up but has no DNS proxy
+//! for the pod (never registered, or its socket closed) do queries go to the
+//! server the app asked, as without a mesh.
 
 mod error;
 mod loader;
@@ -73,7 +98,7 @@ mod maps;
 mod sys;
 
 pub use error::Error;
-pub use loader::{Capture, CaptureConfig, PodCapture};
+pub use loader::{Capture, CaptureConfig, DnsCapture, PodCapture};
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::BorrowedFd;
@@ -88,6 +113,12 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15006;
 /// HBONE port; inbound connections to it are never redirected.
 pub const HBONE_PORT: u16 = 15008;
+/// Port of the per-pod DNS proxy (`127.0.0.1`, UDP and TCP).
+pub const DNS_PROXY_PORT: u16 = 15053;
+/// Queries (UDP and TCP) to this port are redirected to the DNS proxy.
+pub const DNS_PORT: u16 = 53;
+/// Where redirected DNS queries go inside the pod netns.
+pub const DNS_PROXY_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// Source address ztunnel binds when it delivers inbound traffic to the app.
 pub const DELIVERY_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
 /// Routing table that holds the capture `local` route in each pod netns.

@@ -4,9 +4,11 @@
 //! Layout under `pin_dir` (bpffs forbids dots in names, hence the `_`s):
 //!
 //! ```text
-//! <pin_dir>/maps/{enrolled,pods,outbound_listeners,inbound_listeners}
-//! <pin_dir>/links/connect4, <pin_dir>/links/connect6    (cgroup links)
-//! <pin_dir>/links/sk_lookup_10_1_2_3                    (one netns link per pod)
+//! <pin_dir>/maps/{enrolled,pods,outbound_listeners,inbound_listeners,
+//!                 dns_listeners,dns_origins}
+//! <pin_dir>/links/{connect,sendmsg,recvmsg,getpeername,getsockname}{4,6}
+//!                                                 (cgroup links)
+//! <pin_dir>/links/sk_lookup_10_1_2_3              (one netns link per pod)
 //! ```
 //!
 //! bpffs is the source of truth: a `Capture` holds no link fds, so whatever
@@ -44,12 +46,25 @@ use crate::{
 /// The compiled `bpf/capture.bpf.c` (see build.rs).
 static CAPTURE_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture.bpf.o"));
 
-const CONNECT4: &str = "ambit_connect4";
-const CONNECT6: &str = "ambit_connect6";
 const SK_LOOKUP: &str = "ambit_sk_lookup";
 
-/// Pin names of the cgroup links, next to the program they run.
-const CGROUP_LINKS: [(&str, &str); 2] = [(CONNECT4, "connect4"), (CONNECT6, "connect6")];
+/// The cgroup programs and the pin names of their links. connect4/6 capture
+/// TCP and redirect DNS; sendmsg4/6 redirect DNS datagrams of unconnected
+/// sockets; recvmsg4/6 and getpeername4/6 show the DNS server the app asked
+/// in place of the proxy's address, and getsockname4/6 the pod IP in place
+/// of 127.0.0.1.
+const CGROUP_LINKS: [(&str, &str); 10] = [
+    ("ambit_connect4", "connect4"),
+    ("ambit_connect6", "connect6"),
+    ("ambit_sendmsg4", "sendmsg4"),
+    ("ambit_sendmsg6", "sendmsg6"),
+    ("ambit_recvmsg4", "recvmsg4"),
+    ("ambit_recvmsg6", "recvmsg6"),
+    ("ambit_getpeername4", "getpeername4"),
+    ("ambit_getpeername6", "getpeername6"),
+    ("ambit_getsockname4", "getsockname4"),
+    ("ambit_getsockname6", "getsockname6"),
+];
 const SK_LOOKUP_PIN_PREFIX: &str = "sk_lookup_";
 
 /// `BPF_ANY` for map updates: insert or replace.
@@ -81,6 +96,19 @@ pub struct PodCapture<'a> {
     pub outbound_listener: BorrowedFd<'a>,
     /// The listening `127.0.0.1:15006` socket (`SO_MARK`).
     pub inbound_listener: BorrowedFd<'a>,
+}
+
+/// A pod's DNS proxy, for [`Capture::enroll_dns`].
+#[derive(Debug, Clone, Copy)]
+pub struct DnsCapture<'a> {
+    /// The pod IP.
+    pub pod_ip: IpAddr,
+    /// The pod's netns cookie (as in [`PodCapture::netns_cookie`]).
+    pub netns_cookie: u64,
+    /// The bound `127.0.0.1:15053` UDP socket (`SO_MARK`), made in the pod
+    /// netns. Its presence in the map is what turns redirection on; the TCP
+    /// listener on the same address needs no registration.
+    pub udp_listener: BorrowedFd<'a>,
 }
 
 /// Loaded capture programs and handles to their pinned maps.
@@ -229,8 +257,56 @@ impl Capture {
         Ok(())
     }
 
-    /// Removes every trace of the pod: map entries (both sockhashes, pods,
-    /// enrolled by its cookie), and the sk_lookup link (unpin + detach).
+    /// Turns DNS redirection on for a pod (idempotent: a new socket
+    /// replaces the old one). Call it before [`Capture::enroll`]: redirection
+    /// starts when the pod is in `enrolled`, and from then on a query finds
+    /// the proxy at once. Afterwards, the pod's UDP and TCP queries to port
+    /// 53 (not to loopback or the pod itself, not from `ZTUNNEL_MARK`ed
+    /// sockets) reach `127.0.0.1:15053` in its netns, and the app sees the
+    /// replies come from the server it asked.
+    ///
+    /// The kernel drops the entry when the socket closes; DNS then goes to
+    /// the app's own server while the pod's 15001 listener lives, and is
+    /// refused (`EPERM`) once that is gone too (ztunnel down).
+    pub fn enroll_dns(&mut self, dns: &DnsCapture<'_>) -> Result<(), Error> {
+        let pod_ip = dns.pod_ip.to_canonical();
+        let cookie = crate::netns_cookie(dns.udp_listener)?;
+        if cookie != dns.netns_cookie {
+            return Err(Error::Pod {
+                pod_ip,
+                problem: format!(
+                    "the DNS (15053) socket belongs to netns cookie {cookie}, not the pod's {}: \
+                     create it on a thread that has done setns into the pod netns",
+                    dns.netns_cookie
+                ),
+            });
+        }
+        self.maps
+            .dns
+            .insert(IpKey::from(pod_ip), dns.udp_listener, BPF_ANY)
+            .map_err(|e| {
+                pod_map_err(
+                    pod_ip,
+                    maps::DNS_LISTENERS,
+                    "inserting the DNS socket (it must be a bound UDP socket)",
+                    e,
+                )
+            })?;
+        info!(%pod_ip, "pod DNS redirected to its proxy");
+        Ok(())
+    }
+
+    /// Turns DNS redirection off for a pod: its queries go to the servers
+    /// it asks. Not an error when it was off.
+    pub fn unenroll_dns(&mut self, pod_ip: IpAddr) -> Result<(), Error> {
+        let pod_ip = pod_ip.to_canonical();
+        remove_ignoring_missing(self.maps.dns.remove(&IpKey::from(pod_ip)))
+            .map_err(|e| pod_map_err(pod_ip, maps::DNS_LISTENERS, "removing", e))
+    }
+
+    /// Removes every trace of the pod: map entries (the three sockhashes,
+    /// pods, enrolled by its cookie), and the sk_lookup link (unpin +
+    /// detach).
     /// Removing a pod that is not enrolled is not an error.
     pub fn unenroll(&mut self, pod_ip: IpAddr) -> Result<(), Error> {
         let pod_ip = pod_ip.to_canonical();
@@ -262,6 +338,8 @@ impl Capture {
             .map_err(|e| pod_map_err(pod_ip, maps::OUTBOUND_LISTENERS, "removing", e))?;
         remove_ignoring_missing(self.maps.inbound.remove(&key))
             .map_err(|e| pod_map_err(pod_ip, maps::INBOUND_LISTENERS, "removing", e))?;
+        remove_ignoring_missing(self.maps.dns.remove(&key))
+            .map_err(|e| pod_map_err(pod_ip, maps::DNS_LISTENERS, "removing", e))?;
         remove_ignoring_missing(self.maps.pods.remove(&key))
             .map_err(|e| pod_map_err(pod_ip, maps::PODS, "removing", e))?;
         info!(%pod_ip, "pod removed from capture");
@@ -716,7 +794,8 @@ mod tests {
     fn embedded_object_has_the_programs_and_maps() {
         let obj = CAPTURE_OBJ;
         assert!(obj.starts_with(b"\x7fELF"), "not an ELF object");
-        for name in [CONNECT4, CONNECT6, SK_LOOKUP].into_iter().chain(maps::ALL) {
+        let programs = CGROUP_LINKS.iter().map(|(program, _)| *program);
+        for name in programs.chain([SK_LOOKUP]).chain(maps::ALL) {
             assert!(
                 obj.windows(name.len()).any(|w| w == name.as_bytes()),
                 "{name} missing from the object"

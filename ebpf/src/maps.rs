@@ -1,5 +1,5 @@
 //! Rust mirrors of the map keys and values in `bpf/common.h`, and the typed
-//! handles of the four capture maps.
+//! handles of the capture maps.
 //!
 //! Pinned maps outlive the ztunnel that created them, so a newer build may
 //! find maps with an older layout. aya reuses a pinned map without comparing
@@ -71,6 +71,11 @@ pub(crate) struct PodValue {
 // SAFETY: `#[repr(C)]`, a single `u64`, no padding; `Copy`.
 unsafe impl aya::Pod for PodValue {}
 
+/// `sizeof(struct dns_origin)`: two `ip_key`s and a `__u32` port. Only the
+/// kernel reads and writes it (socket-local storage), so there is no Rust
+/// mirror; the size is what the pinned map is checked against.
+const DNS_ORIGIN_SIZE: u32 = 16 + 16 + 4;
+
 // The C side is the source of truth; these match `sizeof` there.
 const _: () = assert!(mem::size_of::<IpKey>() == 16);
 const _: () = assert!(mem::size_of::<EnrolledValue>() == 16);
@@ -81,7 +86,16 @@ pub(crate) const ENROLLED: &str = "enrolled";
 pub(crate) const PODS: &str = "pods";
 pub(crate) const OUTBOUND_LISTENERS: &str = "outbound_listeners";
 pub(crate) const INBOUND_LISTENERS: &str = "inbound_listeners";
-pub(crate) const ALL: [&str; 4] = [ENROLLED, PODS, OUTBOUND_LISTENERS, INBOUND_LISTENERS];
+pub(crate) const DNS_LISTENERS: &str = "dns_listeners";
+pub(crate) const DNS_ORIGINS: &str = "dns_origins";
+pub(crate) const ALL: [&str; 6] = [
+    ENROLLED,
+    PODS,
+    OUTBOUND_LISTENERS,
+    INBOUND_LISTENERS,
+    DNS_LISTENERS,
+    DNS_ORIGINS,
+];
 
 /// Typed handles of the capture maps (the kernel objects are pinned and
 /// shared with every program that was loaded against the same pin dir).
@@ -94,6 +108,11 @@ pub(crate) struct CaptureMaps {
     pub(crate) outbound: SockHash<MapData, IpKey>,
     /// pod IP -> 15006 listener.
     pub(crate) inbound: SockHash<MapData, IpKey>,
+    /// pod IP -> DNS proxy UDP socket (127.0.0.1:15053).
+    pub(crate) dns: SockHash<MapData, IpKey>,
+    /// Per-socket original DNS server. Never read here; held so the loader
+    /// checked its pinned layout like every other map's.
+    _dns_origins: Map,
 }
 
 /// What the kernel must report for a pinned map made from this build.
@@ -101,6 +120,7 @@ struct Expected {
     map_type: MapType,
     key_size: u32,
     value_size: u32,
+    max_entries: u32,
 }
 
 impl CaptureMaps {
@@ -115,6 +135,7 @@ impl CaptureMaps {
                 map_type: MapType::Hash,
                 key_size: size_u32::<u64>(),
                 value_size: size_u32::<EnrolledValue>(),
+                max_entries: MAX_PODS,
             },
         )?;
         let pods = take_checked(
@@ -125,6 +146,7 @@ impl CaptureMaps {
                 map_type: MapType::Hash,
                 key_size: size_u32::<IpKey>(),
                 value_size: size_u32::<PodValue>(),
+                max_entries: MAX_PODS,
             },
         )?;
         let sockhash = Expected {
@@ -132,9 +154,24 @@ impl CaptureMaps {
             key_size: size_u32::<IpKey>(),
             // aya's SockHash writes the listener fd as a 4-byte value.
             value_size: 4,
+            max_entries: MAX_PODS,
         };
         let outbound = take_checked(ebpf, maps_dir, OUTBOUND_LISTENERS, &sockhash)?;
         let inbound = take_checked(ebpf, maps_dir, INBOUND_LISTENERS, &sockhash)?;
+        let dns = take_checked(ebpf, maps_dir, DNS_LISTENERS, &sockhash)?;
+        let dns_origins = take_checked(
+            ebpf,
+            maps_dir,
+            DNS_ORIGINS,
+            &Expected {
+                map_type: MapType::SkStorage,
+                // The socket fd the kernel takes as key.
+                key_size: size_u32::<i32>(),
+                value_size: DNS_ORIGIN_SIZE,
+                // Socket-local storage has no size of its own.
+                max_entries: 0,
+            },
+        )?;
 
         let typed = |name: &'static str, source| Error::Map {
             name,
@@ -145,6 +182,8 @@ impl CaptureMaps {
             pods: HashMap::try_from(pods).map_err(|e| typed(PODS, e))?,
             outbound: SockHash::try_from(outbound).map_err(|e| typed(OUTBOUND_LISTENERS, e))?,
             inbound: SockHash::try_from(inbound).map_err(|e| typed(INBOUND_LISTENERS, e))?,
+            dns: SockHash::try_from(dns).map_err(|e| typed(DNS_LISTENERS, e))?,
+            _dns_origins: dns_origins,
         })
     }
 }
@@ -157,7 +196,7 @@ fn take_checked(
 ) -> Result<Map, Error> {
     let map = ebpf.take_map(name).ok_or(Error::MissingMap { name })?;
     let data = match &map {
-        Map::HashMap(data) | Map::SockHash(data) => data,
+        Map::HashMap(data) | Map::SockHash(data) | Map::SkStorage(data) => data,
         other => {
             return Err(Error::IncompatiblePinnedMap {
                 path: maps_dir.join(name),
@@ -195,7 +234,7 @@ fn take_checked(
         (
             "max entries",
             info.max_entries().to_string(),
-            MAX_PODS.to_string(),
+            expected.max_entries.to_string(),
         ),
     ];
     for (what, found, expected) in checks {

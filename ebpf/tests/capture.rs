@@ -14,6 +14,11 @@
 //! Child processes are this test binary run again with `--exact
 //! child_process_body --ignored`: that entry point moves itself into the
 //! cgroup and the pod netns, connects as told, and prints one result line.
+//!
+//! DNS redirection has its own test in `capture/dns.rs`, on the same lab.
+
+#[path = "capture/dns.rs"]
+mod dns;
 
 use std::{
     env,
@@ -548,10 +553,39 @@ fn in_netns<T: Send>(netns: &File, f: impl FnOnce() -> T + Send) -> T {
 // Clients.
 // ---------------------------------------------------------------------------
 
+/// How a child talks to its destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    /// TCP connect, then send the token.
+    Tcp,
+    /// UDP: connect, send the token, read the reply.
+    Udp,
+    /// UDP without connect: sendto and recvfrom, as musl's resolver does.
+    UdpSendto,
+}
+
+impl Proto {
+    fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::UdpSendto => "udp-sendto",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Proto::Tcp, Proto::Udp, Proto::UdpSendto]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+    }
+}
+
 /// What a child process in the pod does: connect, optionally marked, bound
-/// or over an AF_INET6 socket, then send a token to identify itself.
+/// or over an AF_INET6 socket, then send a token to identify itself (and,
+/// over UDP, wait for the reply).
 #[derive(Debug, Clone)]
 struct Connect {
+    proto: Proto,
     dst: SocketAddr,
     mark: Option<u32>,
     bind: Option<IpAddr>,
@@ -564,6 +598,7 @@ struct Connect {
 impl Connect {
     fn to(dst: SocketAddr) -> Self {
         Self {
+            proto: Proto::Tcp,
             dst,
             mark: None,
             bind: None,
@@ -577,6 +612,7 @@ impl Connect {
     fn encode(&self) -> String {
         let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
         [
+            self.proto.as_str().to_owned(),
             self.dst.to_string(),
             opt(self.mark.map(|m| m.to_string())),
             opt(self.bind.map(|b| b.to_string())),
@@ -590,11 +626,12 @@ impl Connect {
 
     fn parse(spec: &str) -> Result<Self, String> {
         let parts: Vec<&str> = spec.split(' ').collect();
-        let [dst, mark, bind, ipv6, token, netns, cgroup] = parts[..] else {
+        let [proto, dst, mark, bind, ipv6, token, netns, cgroup] = parts[..] else {
             return Err(format!("bad child spec {spec:?}"));
         };
         let bad = |what: &str| format!("bad {what} in child spec {spec:?}");
         Ok(Self {
+            proto: Proto::parse(proto).ok_or_else(|| bad("proto"))?,
             dst: dst.parse().map_err(|_| bad("dst"))?,
             mark: (mark != "-")
                 .then(|| mark.parse())
@@ -624,8 +661,11 @@ impl Connect {
         } else {
             Domain::IPV4
         };
-        let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))
-            .map_err(|e| format!("socket: {e}"))?;
+        let (ty, protocol) = match self.proto {
+            Proto::Tcp => (Type::STREAM, Protocol::TCP),
+            Proto::Udp | Proto::UdpSendto => (Type::DGRAM, Protocol::UDP),
+        };
+        let sock = Socket::new(domain, ty, Some(protocol)).map_err(|e| format!("socket: {e}"))?;
         if self.ipv6 {
             sock.set_only_v6(false)
                 .map_err(|e| format!("IPV6_V6ONLY: {e}"))?;
@@ -644,15 +684,13 @@ impl Connect {
             (_, dst) => dst,
         };
         let started = Instant::now();
+        // Timed here, so the parent's process start-up does not count.
+        let failure = |e: io::Error| ConnectFailure::new(&e, started).encode();
+        if self.proto != Proto::Tcp {
+            return Ok(self.udp_exchange(sock, dst).unwrap_or_else(failure));
+        }
         if let Err(e) = sock.connect_timeout(&SockAddr::from(dst), CONNECT_TIMEOUT) {
-            // Timed here, so the parent's process start-up does not count.
-            return Ok(ConnectFailure {
-                kind: format!("{:?}", e.kind()),
-                errno: e.raw_os_error().unwrap_or(0),
-                elapsed: started.elapsed(),
-                message: e.to_string(),
-            }
-            .encode());
+            return Ok(failure(e));
         }
         let mut stream: TcpStream = sock.into();
         stream
@@ -661,7 +699,30 @@ impl Connect {
         let local = stream
             .local_addr()
             .map_err(|e| format!("local_addr: {e}"))?;
-        Ok(format!("ok {local}"))
+        let peer = stream.peer_addr().map_err(|e| format!("peer_addr: {e}"))?;
+        Ok(format!("ok {local} {peer}"))
+    }
+
+    /// Sends the token and waits for one reply. Reports `ok <local> <reply
+    /// source> <peer or -> <reply>`, where the reply source is what
+    /// recvfrom() said and the peer what getpeername() says.
+    fn udp_exchange(&self, sock: Socket, dst: SocketAddr) -> io::Result<String> {
+        let sock: std::net::UdpSocket = sock.into();
+        sock.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+        if self.proto == Proto::Udp {
+            sock.connect(dst)?;
+            sock.send(self.token.as_bytes())?;
+        } else {
+            sock.send_to(self.token.as_bytes(), dst)?;
+        }
+        let mut buf = [0u8; 512];
+        let (n, from) = sock.recv_from(&mut buf)?;
+        let peer = match sock.peer_addr() {
+            Ok(peer) => peer.to_string(),
+            Err(_) => "-".to_owned(),
+        };
+        let reply = String::from_utf8_lossy(buf.get(..n).unwrap_or_default()).into_owned();
+        Ok(format!("ok {} {from} {peer} {reply}", sock.local_addr()?))
     }
 }
 
@@ -676,6 +737,15 @@ struct ConnectFailure {
 }
 
 impl ConnectFailure {
+    fn new(e: &io::Error, started: Instant) -> Self {
+        Self {
+            kind: format!("{:?}", e.kind()),
+            errno: e.raw_os_error().unwrap_or(0),
+            elapsed: started.elapsed(),
+            message: e.to_string(),
+        }
+    }
+
     fn encode(&self) -> String {
         format!(
             "err {} {} {} {}",
@@ -1042,7 +1112,7 @@ fn cgroup_links(cgroup_id: u64) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Exactly one connect4 and one connect6 link on the test cgroup, and
+/// Exactly one link per cgroup program on the test cgroup, and
 /// `sk_lookup` links on the pod netns as given; all pinned where documented.
 fn assert_links(lab: &Lab, cfg: &CaptureConfig, sk_lookup: usize) {
     let cgroup = cgroup_links(lab.cgroup_id);
@@ -1051,11 +1121,20 @@ fn assert_links(lab: &Lab, cfg: &CaptureConfig, sk_lookup: usize) {
         .map(|l| l["attach_type"].as_str().unwrap_or("?").to_owned())
         .collect();
     types.sort();
-    assert_eq!(
-        types,
-        ["cgroup_inet4_connect", "cgroup_inet6_connect"],
-        "cgroup links: {cgroup:?}"
-    );
+    let mut expected = [
+        "cgroup_inet4_connect",
+        "cgroup_inet6_connect",
+        "cgroup_udp4_sendmsg",
+        "cgroup_udp6_sendmsg",
+        "cgroup_udp4_recvmsg",
+        "cgroup_udp6_recvmsg",
+        "cgroup_inet4_getpeername",
+        "cgroup_inet6_getpeername",
+        "cgroup_inet4_getsockname",
+        "cgroup_inet6_getsockname",
+    ];
+    expected.sort_unstable();
+    assert_eq!(types, expected, "cgroup links: {cgroup:?}");
     let netns = sk_lookup_links(lab.pod.ino);
     assert_eq!(
         netns.len(),
@@ -1065,10 +1144,20 @@ fn assert_links(lab: &Lab, cfg: &CaptureConfig, sk_lookup: usize) {
     for pin in [
         "links/connect4",
         "links/connect6",
+        "links/sendmsg4",
+        "links/sendmsg6",
+        "links/recvmsg4",
+        "links/recvmsg6",
+        "links/getpeername4",
+        "links/getpeername6",
+        "links/getsockname4",
+        "links/getsockname6",
         "maps/enrolled",
         "maps/pods",
         "maps/outbound_listeners",
         "maps/inbound_listeners",
+        "maps/dns_listeners",
+        "maps/dns_origins",
     ] {
         assert!(cfg.pin_dir.join(pin).exists(), "{pin} is not pinned");
     }

@@ -1,24 +1,34 @@
-//! Ambit's shared library, used by the node tunnel and (later) the waypoint.
+//! Ambit's shared library, used by the node tunnel and the waypoint.
 //!
 //! Dependencies point down this list only:
 //! - [`identity`]: SPIFFE identities, parsed once at the boundary.
 //! - [`config`]: the configuration model and its YAML file source.
 //! - [`ca`]: the local certificate authority for file/dev mode.
 //! - [`policy`]: L4 authorization decisions.
+//! - [`route`]: L7 routing with Gateway API `HTTPRoute`/`GRPCRoute`: route selection,
+//!   weighted backends and filters, as pure functions.
 //! - [`tls`]: rustls configurations that check SPIFFE identities.
 //! - [`hbone`]: HTTP/2 CONNECT tunnels (client pool, server helpers, stream adapter).
 //! - [`copy`]: bidirectional byte copying with counters.
+//! - [`certs`]: workload certificates renewed at half-life, and the local CA's files
+//!   watched for rotation.
+//! - [`drain`]: graceful shutdown (trigger and watchers).
+//! - [`trace`]: W3C `traceparent`.
 //!
 //! Feature flags: `testing` exposes helpers for tests.
 #![deny(missing_docs)]
 
 pub mod ca;
+pub mod certs;
 pub mod config;
 pub mod copy;
+pub mod drain;
 pub mod hbone;
 pub mod identity;
 pub mod policy;
+pub mod route;
 pub mod tls;
+pub mod trace;
 
 /// Well-known ports, the same as Istio's so operators feel at home.
 pub mod ports {

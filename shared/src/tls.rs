@@ -29,6 +29,9 @@ use x509_parser::extensions::GeneralName;
 use crate::ca::IssuedCert;
 use crate::identity::Identity;
 
+/// What a verified chain must be good for (client or server authentication).
+pub use webpki::KeyUsage;
+
 /// ALPN protocol for HBONE.
 pub const ALPN_H2: &[u8] = b"h2";
 
@@ -123,6 +126,8 @@ pub fn identity_of_cert(cert: &CertificateDer<'_>) -> Result<Identity, TlsError>
 pub struct TrustBundle {
     roots: Vec<CertificateDer<'static>>,
     store: Arc<rustls::RootCertStore>,
+    /// Built once per bundle rather than per handshake.
+    client_verifier: Arc<dyn ClientCertVerifier>,
 }
 
 impl TrustBundle {
@@ -144,9 +149,15 @@ impl TrustBundle {
                 reason: format!("unusable root: {e}"),
             })?;
         }
+        let store = Arc::new(store);
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(store.clone(), provider())
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
         Ok(TrustBundle {
             roots,
-            store: Arc::new(store),
+            store,
+            client_verifier,
         })
     }
 
@@ -154,6 +165,108 @@ impl TrustBundle {
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
     }
+}
+
+/// A trust bundle that can be replaced while it is in use, for trust-anchor rotation.
+///
+/// Verifiers built from it read the roots in force at each handshake, so a root added to
+/// the bundle is trusted by the next handshake and a removed one is not, without
+/// rebuilding any TLS configuration. Established sessions are unaffected. Cheap to clone;
+/// clones share the slot.
+#[derive(Debug, Clone)]
+pub struct SharedBundle(Arc<ArcSwap<TrustBundle>>);
+
+impl SharedBundle {
+    /// A slot holding `bundle`.
+    pub fn new(bundle: TrustBundle) -> Self {
+        SharedBundle(Arc::new(ArcSwap::from_pointee(bundle)))
+    }
+
+    /// The bundle in force.
+    pub fn current(&self) -> Arc<TrustBundle> {
+        self.0.load_full()
+    }
+
+    /// Puts `bundle` in force for every later handshake.
+    pub fn replace(&self, bundle: TrustBundle) {
+        self.0.store(Arc::new(bundle));
+    }
+}
+
+impl From<TrustBundle> for SharedBundle {
+    fn from(bundle: TrustBundle) -> Self {
+        SharedBundle::new(bundle)
+    }
+}
+
+/// A fixed bundle: nothing else holds the slot, so it never changes.
+impl From<&TrustBundle> for SharedBundle {
+    fn from(bundle: &TrustBundle) -> Self {
+        SharedBundle::new(bundle.clone())
+    }
+}
+
+impl From<&SharedBundle> for SharedBundle {
+    fn from(bundle: &SharedBundle) -> Self {
+        bundle.clone()
+    }
+}
+
+// === certificate details ===
+
+/// What operators need to know about a certificate: who it is, who signed it, and when it
+/// expires. For admin dumps, metrics and the `ca` commands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// Subject distinguished name, e.g. `O=Ambit, CN=Ambit root CA 1a2b3c4d (cluster.local)`.
+    pub subject: String,
+    /// The subject's common name, or the whole subject when it has none.
+    pub common_name: String,
+    /// Issuer distinguished name.
+    pub issuer: String,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// SHA-256 of the DER encoding, lowercase hex: what `ca remove-root --fingerprint` takes.
+    pub fingerprint: String,
+    /// Start of validity.
+    pub not_before: OffsetDateTime,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
+}
+
+impl CertInfo {
+    /// Parses `cert`.
+    pub fn parse(cert: &CertificateDer<'_>) -> Result<Self, TlsError> {
+        use sha2::Digest as _;
+        let (_, x509) = x509_parser::parse_x509_certificate(cert)
+            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+        let subject = x509.subject().to_string();
+        let common_name = x509
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string)
+            .unwrap_or_else(|| subject.clone());
+        Ok(CertInfo {
+            common_name,
+            subject,
+            issuer: x509.issuer().to_string(),
+            serial: hex(x509.raw_serial()),
+            fingerprint: hex(&sha2::Sha256::digest(cert.as_ref())),
+            not_before: x509.validity().not_before.to_datetime(),
+            not_after: x509.validity().not_after.to_datetime(),
+        })
+    }
+
+    /// Seconds of validity left at `now` (negative once expired).
+    pub fn seconds_left(&self, now: OffsetDateTime) -> i64 {
+        (self.not_after - now).whole_seconds()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Verifies that `chain` (leaf first) reaches a root of `bundle` for the given usage.
@@ -285,15 +398,16 @@ impl ResolvesClientCert for FixedClientCert {
 // === client ===
 
 /// Builds a client config that presents `cert` and accepts only a server whose chain
-/// reaches `bundle` and whose identity is exactly `expected`.
+/// reaches `bundle` (the roots in force at handshake time, for a [`SharedBundle`]) and
+/// whose identity is exactly `expected`.
 pub fn client_config(
     cert: Arc<CertifiedKey>,
-    bundle: &TrustBundle,
+    bundle: impl Into<SharedBundle>,
     expected: Identity,
 ) -> Result<ClientConfig, TlsError> {
     let provider = provider();
     let verifier = Arc::new(SpiffeServerVerifier {
-        bundle: bundle.clone(),
+        bundle: bundle.into(),
         expected,
         provider: provider.clone(),
     });
@@ -309,7 +423,7 @@ pub fn client_config(
 /// A server is who we expected, under our roots.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
-    bundle: TrustBundle,
+    bundle: SharedBundle,
     expected: Identity,
     provider: Arc<CryptoProvider>,
 }
@@ -324,7 +438,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         verify_leaf(
-            &self.bundle,
+            &self.bundle.current(),
             end_entity,
             intermediates,
             now,
@@ -403,19 +517,18 @@ pub struct IdentityMismatch {
 // === server ===
 
 /// Builds a server config that presents the certificate in `slot` and requires a client
-/// certificate chaining to `bundle` with an identity in `trust_domain`.
+/// certificate chaining to `bundle` (the roots in force at handshake time, for a
+/// [`SharedBundle`]) with an identity in `trust_domain`.
 pub fn server_config(
     slot: Arc<CertSlot>,
-    bundle: &TrustBundle,
+    bundle: impl Into<SharedBundle>,
     trust_domain: &str,
 ) -> Result<ServerConfig, TlsError> {
     let provider = provider();
-    let inner = WebPkiClientVerifier::builder_with_provider(bundle.store.clone(), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let verifier = Arc::new(TrustDomainClientVerifier {
-        inner,
+        bundle: bundle.into(),
         trust_domain: trust_domain.to_string(),
+        provider: provider.clone(),
     });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -428,8 +541,9 @@ pub fn server_config(
 /// A client is under our roots and in our trust domain.
 #[derive(Debug)]
 struct TrustDomainClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    bundle: SharedBundle,
     trust_domain: String,
+    provider: Arc<CryptoProvider>,
 }
 
 impl ClientCertVerifier for TrustDomainClientVerifier {
@@ -453,7 +567,9 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
+        self.bundle
+            .current()
+            .client_verifier
             .verify_client_cert(end_entity, intermediates, now)?;
         let id = identity_of_cert(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
         if id.trust_domain() != self.trust_domain {
@@ -471,7 +587,12 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -480,11 +601,18 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -523,3 +651,6 @@ pub fn load_certified_key(
     let key = provider().key_provider.load_private_key(key)?;
     Ok(Arc::new(CertifiedKey::new(chain, key)))
 }
+
+#[cfg(test)]
+mod tests;

@@ -10,6 +10,7 @@ packages=(
   tcpdump tshark             # packet captures on the simulated cluster's links
   curl openssl ca-certificates
   python3
+  dnsutils                   # dig, for the DNS proxy scenarios
 )
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -1,5 +1,7 @@
-//! Wiring: config → identity → capture → proxy. The only module that knows them all.
+//! Wiring: config → identity → capture → proxy, plus metrics and the admin endpoints. The
+//! only module that knows them all.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,13 +9,17 @@ use std::time::Duration;
 use ambit_ebpf::{Capture, CaptureConfig};
 use ambit_shared::ca::{CaPaths, LocalCa};
 use ambit_shared::hbone::{Pool, PoolConfig};
-use ambit_shared::tls::TrustBundle;
+use ambit_shared::tls::{SharedBundle, TrustBundle};
 use anyhow::Context;
+use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
+use crate::admin::{self, FilterHandle, Readiness};
+use crate::dns::{DnsProxy, DnsSettings};
 use crate::enroll::Enroller;
-use crate::identity::CertManager;
+use crate::identity::{self, CertManager, Certificates, LocalIssuer};
+use crate::metrics::{self, CertMetrics, ConfigReloads, Traffic};
 use crate::proxy::ProxyContext;
 use crate::state::{self, Snapshot};
 
@@ -41,48 +47,102 @@ pub struct Settings {
     pub cert_ttl: Duration,
     /// HBONE pool tuning.
     pub pool: PoolConfig,
+    /// DNS proxy settings.
+    pub dns: DnsSettings,
+    /// Prometheus metrics listener (in the node's network namespace).
+    pub metrics_addr: SocketAddr,
+    /// Readiness listener.
+    pub readiness_addr: SocketAddr,
+    /// Admin listener; keep it on loopback.
+    pub admin_addr: SocketAddr,
 }
 
-/// Runs the node tunnel until SIGTERM or SIGINT.
-pub async fn run(settings: Settings) -> anyhow::Result<()> {
+/// Runs the node tunnel until SIGTERM or SIGINT. `log` changes the log filter at run time
+/// (admin `/logging`).
+pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
+    let mut registry = Registry::default();
+    let istio = registry.sub_registry_with_prefix("istio");
+    let traffic = Traffic::new(istio);
+    metrics::register_build(istio);
+    let ambit = registry.sub_registry_with_prefix("ambit");
+    let reloads = ConfigReloads::new(ambit);
+    let cert_metrics = CertMetrics::new(ambit);
+
     let tx = state::load_initial(&settings.config)?;
     let mut rx = tx.subscribe();
     let trust_domain = rx.borrow().trust_domain.clone();
     let ca_paths = CaPaths::new(&settings.ca_dir);
     let ca = LocalCa::load(&ca_paths)
         .context("loading the local CA (create one with `ztunnel ca init`)")?;
-    let bundle = TrustBundle::load(&ca_paths.bundle()).context("loading the trust bundle")?;
-    let certs = CertManager::new(Arc::new(ca), settings.cert_ttl);
+    let bundle = SharedBundle::new(
+        TrustBundle::load(&ca_paths.bundle()).context("loading the trust bundle")?,
+    );
+    let issuer = Arc::new(LocalIssuer::new(ca));
+    let certs = CertManager::new(issuer.clone(), settings.cert_ttl, cert_metrics.clone());
+    let certificates = Certificates {
+        certs: certs.clone(),
+        issuer,
+        bundle: bundle.clone(),
+    };
+    metrics::register_expiry(ambit, Arc::new(certificates.clone()));
+    let listeners = admin::Listeners::bind(
+        settings.metrics_addr,
+        settings.readiness_addr,
+        settings.admin_addr,
+    )?;
 
     let capture = Capture::load_or_adopt(&CaptureConfig {
         pin_dir: settings.bpffs.clone(),
         cgroup: settings.cgroup.clone(),
     })
     .context("loading eBPF capture programs")?;
-    let (snapshot_tx, snapshot) = tokio::sync::watch::channel(Arc::new(Snapshot::new(rx.borrow().clone())));
+    let (snapshot_tx, snapshot) =
+        tokio::sync::watch::channel(Arc::new(Snapshot::new(rx.borrow().clone())));
     tokio::spawn(state::index(rx.clone(), snapshot_tx));
     let ctx = Arc::new(ProxyContext {
         snapshot,
         balancer: Default::default(),
-        config: rx.clone(),
         pool: Pool::new(settings.pool.clone()),
         bundle,
         trust_domain,
+        metrics: traffic.clone(),
     });
+    let ready = Readiness::default();
+    admin::spawn(
+        admin::State {
+            node: settings.node.clone(),
+            registry,
+            traffic,
+            ready: ready.clone(),
+            config: rx.clone(),
+            certs: certificates.clone(),
+            log,
+        },
+        listeners,
+    )?;
+    tokio::spawn(identity::watch_ca(
+        ca_paths,
+        certificates.clone(),
+        cert_metrics,
+    ));
+    tokio::spawn(identity::warn_expiring(certificates));
+    let dns = DnsProxy::new(&settings.dns, rx.clone()).context("setting up the DNS proxy")?;
     let mut enroller = Enroller::new(
         settings.node.clone(),
         settings.netns_dir.clone(),
         capture,
         certs,
         ctx,
+        Arc::new(dns),
     );
 
-    tokio::spawn(state::watch_file(settings.config.clone(), tx));
+    tokio::spawn(state::watch_file(settings.config.clone(), tx, reloads));
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
     let config = rx.borrow_and_update().clone();
     let mut outcome = enroller.reconcile(&config);
+    ready.mark_ready();
     info!(node = %settings.node, pending = outcome.pending, "ztunnel ready");
     let mut netns_check = tokio::time::interval(NETNS_CHECK);
     netns_check.tick().await;

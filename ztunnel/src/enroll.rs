@@ -12,13 +12,14 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ambit_ebpf::{Capture, PodCapture};
-use ambit_shared::config::{Config, Workload};
+use ambit_ebpf::{Capture, DnsCapture, PodCapture};
+use ambit_shared::config::{Config, WAYPOINT_NAME_LABEL, Workload};
 use ambit_shared::identity::Identity;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::capture::{self, Netns, PodListeners};
+use crate::dns::DnsProxy;
 use crate::identity::CertManager;
 use crate::proxy::{self, Pod, ProxyContext};
 
@@ -45,6 +46,7 @@ pub struct Enroller {
     capture: Capture,
     certs: CertManager,
     ctx: Arc<ProxyContext>,
+    dns: Arc<DnsProxy>,
     running: HashMap<IpAddr, RunningPod>,
 }
 
@@ -63,6 +65,7 @@ impl Enroller {
         capture: Capture,
         certs: CertManager,
         ctx: Arc<ProxyContext>,
+        dns: Arc<DnsProxy>,
     ) -> Self {
         Enroller {
             node,
@@ -70,6 +73,7 @@ impl Enroller {
             capture,
             certs,
             ctx,
+            dns,
             running: HashMap::new(),
         }
     }
@@ -79,7 +83,8 @@ impl Enroller {
         let desired: HashMap<IpAddr, (&Workload, Identity)> = config
             .workloads
             .iter()
-            .filter(|w| w.node == self.node && config.is_enrolled(w))
+            // Waypoint pods speak HBONE themselves; capturing them would loop their traffic.
+            .filter(|w| w.node == self.node && config.is_enrolled(w) && !w.labels.contains_key(WAYPOINT_NAME_LABEL))
             .filter_map(|w| match config.identity_of(w) {
                 Ok(id) => Some((w, id)),
                 Err(e) => {
@@ -204,8 +209,15 @@ impl Enroller {
             inbound_plaintext,
             hbone,
         } = capture::open_listeners(&netns)?;
+        let dns = capture::dns::open_listeners(&netns)?;
         capture::install_routing(&netns, ip)?;
         let cookie = ambit_ebpf::netns_cookie(hbone.as_fd())?;
+        // Before `enroll`: DNS redirection starts when the pod is enrolled, with its proxy ready.
+        self.capture.enroll_dns(&DnsCapture {
+            pod_ip: ip,
+            netns_cookie: cookie,
+            udp_listener: dns.udp_fd(),
+        })?;
         self.capture.enroll(&PodCapture {
             pod_ip: ip,
             netns: netns.file().as_fd(),
@@ -226,6 +238,7 @@ impl Enroller {
         let (p1, p2, p3) = (pod.clone(), pod.clone(), pod.clone());
         let ctx3 = self.ctx.clone();
         let tasks = vec![
+            tokio::spawn(self.dns.clone().serve(dns, pod.clone())),
             tokio::spawn(proxy::accept_loop(
                 outbound,
                 "outbound",

@@ -1,17 +1,24 @@
 //! `ztunnel`: Ambit's node tunnel.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ambit_shared::ca::{self, CaPaths, LocalCa};
+use ambit_shared::ca::{self, CaPaths, LocalCa, Validity};
 use ambit_shared::hbone::PoolConfig;
+use ambit_shared::tls::CertInfo;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
+mod admin;
 mod app;
 mod capture;
+mod dns;
 mod enroll;
 mod identity;
+mod metrics;
 mod proxy;
 mod state;
 
@@ -40,7 +47,7 @@ enum Command {
     /// Run the node tunnel.
     // The last occurrence of a flag wins, as wrappers that append overrides expect.
     #[command(args_override_self = true)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Manage the local CA used in file/dev mode.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -75,6 +82,41 @@ struct RunArgs {
     /// Streams per pooled HBONE connection.
     #[arg(long, default_value_t = 100)]
     pool_max_streams: usize,
+    /// Cluster domain: `<service>.<namespace>.svc.<domain>` names are answered by the DNS proxy.
+    #[arg(long, default_value = dns::DEFAULT_DOMAIN)]
+    dns_domain: String,
+    /// resolv.conf whose nameservers get the DNS queries for all other names.
+    #[arg(long, default_value = dns::DEFAULT_RESOLV_CONF)]
+    dns_resolv_conf: PathBuf,
+    /// Prometheus metrics (`/metrics`), in the node's network namespace.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// Admin (`/config_dump`, `/logging`); keep it on loopback.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+}
+
+/// Lifetimes of a new root and issuer.
+#[derive(clap::Args, Debug)]
+struct ValidityArgs {
+    /// Root lifetime, e.g. 10y.
+    #[arg(long, default_value = "10y", value_parser = humantime::parse_duration)]
+    root_ttl: Duration,
+    /// Issuer lifetime, e.g. 1y (never longer than the root's).
+    #[arg(long, default_value = "1y", value_parser = humantime::parse_duration)]
+    issuer_ttl: Duration,
+}
+
+impl ValidityArgs {
+    fn validity(&self) -> Validity {
+        Validity {
+            root: self.root_ttl,
+            issuer: self.issuer_ttl,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -90,6 +132,8 @@ enum CaCommand {
         /// Replace an existing CA.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        validity: ValidityArgs,
     },
     /// Issue a workload certificate (for VMs and tests): writes cert.pem and key.pem.
     Issue {
@@ -106,35 +150,91 @@ enum CaCommand {
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+    /// Trust-anchor rotation, step 1 of 3: stage a new root and issuer in DIR/next and add
+    /// the new root to bundle.pem. Wait until every node has reloaded the bundle.
+    AddRoot {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Trust domain named in the new certificates (default: the current root's).
+        #[arg(long)]
+        trust_domain: Option<String>,
+        #[command(flatten)]
+        validity: ValidityArgs,
+    },
+    /// Step 2 of 3: make the staged root and issuer active (the old pair is kept under
+    /// DIR/retired). Nodes renew every workload certificate from the new issuer; wait until
+    /// they all have.
+    Activate {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Step 3 of 3: remove old roots from bundle.pem (by default every root but the active
+    /// one and a staged one).
+    RemoveRoot {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Remove only the root with this SHA-256 fingerprint (hex, as `ca check` prints).
+        #[arg(long)]
+        fingerprint: Option<String>,
+    },
+    /// Show the roots, the issuer and a staged root with their expiry; exit 1 if any
+    /// expires within --warn-before.
+    Check {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// How close to expiry is too close.
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        warn_before: Duration,
+    },
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`); returns the handle that
+/// changes the filter at run time.
+fn init_logging(format: LogFormat) -> admin::FilterHandle {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(false)
-            .with_current_span(false)
+        LogFormat::Json => registry
+            .with(fmt.json().flatten_event(false).with_current_span(false))
             .init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => registry.with(fmt).init(),
     }
+    handle
+}
+
+fn print_cert(what: &str, c: &CertInfo, now: time::OffsetDateTime) {
+    let left = c.seconds_left(now);
+    println!(
+        "{what:<7} {}  serial {}  expires {} ({} days)  sha256 {}",
+        c.common_name,
+        c.serial,
+        c.not_after
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        left / 86_400,
+        c.fingerprint
+    );
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log = init_logging(cli.log_format);
     match cli.command {
         Command::Ca(CaCommand::Init {
             dir,
             trust_domain,
             force,
+            validity,
         }) => {
             ambit_shared::identity::validate_component("trust domain", &trust_domain)?;
-            let paths = ca::init(&dir, &trust_domain, force)?;
+            let paths = ca::init_with(&dir, &trust_domain, force, validity.validity())?;
             println!(
                 "created CA for trust domain {trust_domain} in {}",
                 paths.dir.display()
@@ -157,7 +257,74 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Ca(CaCommand::AddRoot {
+            dir,
+            trust_domain,
+            validity,
+        }) => {
+            let root = ca::add_root(&dir, trust_domain.as_deref(), validity.validity())?;
+            println!(
+                "staged root {} (sha256 {}) in {} and added it to {}",
+                root.common_name,
+                root.fingerprint,
+                CaPaths::new(&dir).next().dir.display(),
+                CaPaths::new(&dir).bundle().display()
+            );
+            println!("next: once every node has reloaded the bundle, run `ztunnel ca activate`");
+            Ok(())
+        }
+        Command::Ca(CaCommand::Activate { dir }) => {
+            let (old, new) = ca::activate(&dir)?;
+            println!(
+                "issuer {} replaced by {}; nodes now renew every workload certificate",
+                old.common_name, new.common_name
+            );
+            println!(
+                "next: once every node has renewed, run `ztunnel ca remove-root` (old pair kept in {})",
+                CaPaths::new(&dir).retired(&old.serial).dir.display()
+            );
+            Ok(())
+        }
+        Command::Ca(CaCommand::RemoveRoot { dir, fingerprint }) => {
+            let removed = ca::remove_roots(&dir, fingerprint.as_deref())?;
+            if removed.is_empty() {
+                println!("nothing to remove: the bundle holds only the active (and staged) root");
+            }
+            for r in removed {
+                println!("removed root {} (sha256 {})", r.common_name, r.fingerprint);
+            }
+            Ok(())
+        }
+        Command::Ca(CaCommand::Check { dir, warn_before }) => {
+            let st = ca::status(&dir)?;
+            let now = time::OffsetDateTime::now_utc();
+            for r in &st.bundle {
+                print_cert("root", r, now);
+            }
+            print_cert("issuer", &st.issuer, now);
+            if let Some(s) = &st.staged_root {
+                print_cert("staged", s, now);
+            }
+            let limit = warn_before.as_secs() as i64;
+            let soon: Vec<&CertInfo> = st
+                .bundle
+                .iter()
+                .chain([&st.issuer])
+                .filter(|c| c.seconds_left(now) < limit)
+                .collect();
+            if soon.is_empty() {
+                Ok(())
+            } else {
+                let names: Vec<&str> = soon.iter().map(|c| c.common_name.as_str()).collect();
+                anyhow::bail!(
+                    "expiring within {}: {}",
+                    humantime::format_duration(warn_before),
+                    names.join(", ")
+                )
+            }
+        }
         Command::Run(args) => {
+            let args = *args;
             let settings = app::Settings {
                 config: args.config,
                 node: args.node,
@@ -171,13 +338,20 @@ fn main() -> anyhow::Result<()> {
                     idle_timeout: args.pool_idle_timeout,
                     ..PoolConfig::default()
                 },
+                dns: dns::DnsSettings {
+                    domain: args.dns_domain,
+                    resolv_conf: args.dns_resolv_conf,
+                },
+                metrics_addr: args.metrics_addr,
+                readiness_addr: args.readiness_addr,
+                admin_addr: args.admin_addr,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("ztunnel")
                 .build()
                 .context("starting the tokio runtime")?;
-            runtime.block_on(app::run(settings))
+            runtime.block_on(app::run(settings, log))
         }
     }
 }

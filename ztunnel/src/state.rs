@@ -9,11 +9,15 @@ use std::time::Duration;
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use ambit_shared::config::{self, Config, ConfigError, Service, Workload};
+use ambit_shared::config::{
+    self, Config, ConfigError, Service, USE_WAYPOINT_LABEL, WAYPOINT_NAME_LABEL, Waypoint, Workload,
+};
 use ambit_shared::policy::{self, CompiledPolicy};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{error, info};
+
+use crate::metrics::ConfigReloads;
 
 /// How often the file is checked for changes.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -28,8 +32,9 @@ pub fn load_initial(path: &Path) -> Result<ConfigSender, ConfigError> {
 }
 
 /// Watches the file (polling, plus SIGHUP for an immediate reload) and publishes each
-/// valid change. Comparing contents, not mtimes, also catches atomic renames.
-pub async fn watch_file(path: PathBuf, tx: ConfigSender) {
+/// valid change. Comparing contents, not mtimes, also catches atomic renames. Every change
+/// counts in `reloads`, as applied or refused.
+pub async fn watch_file(path: PathBuf, tx: ConfigSender, reloads: ConfigReloads) {
     let mut last_text = std::fs::read_to_string(&path).ok();
     let mut hup = signal(SignalKind::hangup()).ok();
     let mut tick = tokio::time::interval(POLL_INTERVAL);
@@ -44,6 +49,7 @@ pub async fn watch_file(path: PathBuf, tx: ConfigSender) {
             Ok(t) => t,
             Err(e) => {
                 if last_text.take().is_some() {
+                    reloads.failure();
                     error!(path = %path.display(), error = %e, "config file unreadable; keeping the last good config");
                 }
                 continue;
@@ -55,10 +61,12 @@ pub async fn watch_file(path: PathBuf, tx: ConfigSender) {
         last_text = Some(text.clone());
         match config::parse_str(&path, &text) {
             Ok(c) => {
+                reloads.success();
                 info!(path = %path.display(), workloads = c.workloads.len(), "config reloaded");
                 tx.send_replace(Arc::new(c));
             }
             Err(e) => {
+                reloads.failure();
                 error!(file = %e.file.display(), field = %e.field, reason = %e.reason,
                     "invalid config refused; keeping the last good config");
             }
@@ -74,6 +82,8 @@ pub struct Snapshot {
     by_ip: HashMap<IpAddr, usize>,
     by_vip: HashMap<IpAddr, usize>,
     endpoints: Vec<Vec<IpAddr>>,
+    /// Workload address → index of the waypoint in front of it.
+    fronted_by: HashMap<IpAddr, usize>,
     /// Authorization policies, compiled.
     pub policies: Vec<CompiledPolicy>,
 }
@@ -107,26 +117,66 @@ impl Snapshot {
                 }
             })
             .collect();
-        Snapshot { config, by_ip, by_vip, endpoints, policies }
+        let fronted_by = fronted_workloads(&config, &endpoints);
+        Snapshot { config, by_ip, by_vip, endpoints, fronted_by, policies }
     }
 
     /// The workload that owns `ip`.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
-        self.by_ip.get(&ip).and_then(|i| self.config.workloads.get(*i))
+        self.by_ip
+            .get(&ip)
+            .and_then(|i| self.config.workloads.get(*i))
+    }
+
+    /// The waypoint every connection to workload address `ip` must go through.
+    pub fn waypoint_in_front_of(&self, ip: IpAddr) -> Option<&Waypoint> {
+        self.fronted_by.get(&ip).and_then(|i| self.config.waypoints.get(*i))
     }
 
     /// The service behind a VIP, with its endpoints.
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<(&Service, &[IpAddr])> {
         let i = *self.by_vip.get(&ip)?;
-        Some((self.config.services.get(i)?, self.endpoints.get(i).map(Vec::as_slice).unwrap_or_default()))
+        Some((
+            self.config.services.get(i)?,
+            self.endpoints.get(i).map(Vec::as_slice).unwrap_or_default(),
+        ))
     }
+}
+
+/// Which workloads sit behind a waypoint: those in a namespace labelled
+/// `ambit.dev/use-waypoint`, and the endpoints of services that use one. Waypoint pods
+/// themselves never do: they are the way in.
+fn fronted_workloads(config: &Config, endpoints: &[Vec<IpAddr>]) -> HashMap<IpAddr, usize> {
+    let index_of = |wp: &Waypoint| config.waypoints.iter().position(|w| std::ptr::eq(w, wp));
+    let is_waypoint_pod = |w: &Workload| w.labels.contains_key(WAYPOINT_NAME_LABEL);
+    let mut fronted = HashMap::new();
+    for w in config.workloads.iter().filter(|w| !is_waypoint_pod(w)) {
+        let label = config.namespace(&w.namespace).and_then(|n| n.labels.get(USE_WAYPOINT_LABEL));
+        if let Some(i) = label.and_then(|name| config.waypoint(&w.namespace, name)).and_then(index_of) {
+            for ip in &w.ips {
+                fronted.insert(*ip, i);
+            }
+        }
+    }
+    for (s, eps) in config.services.iter().zip(endpoints) {
+        if let Some(i) = config.waypoint_for_service(s).and_then(index_of) {
+            for ip in eps {
+                if config.workload_by_ip(*ip).is_some_and(|w| !is_waypoint_pod(w)) {
+                    fronted.insert(*ip, i);
+                }
+            }
+        }
+    }
+    fronted
 }
 
 fn service_endpoints(config: &Config, s: &Service) -> Vec<IpAddr> {
     let mut out = Vec::new();
     if let Some(selector) = &s.selector {
         for w in &config.workloads {
-            if w.namespace == s.namespace && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)) {
+            if w.namespace == s.namespace
+                && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+            {
                 out.extend(w.ips.iter().filter(|ip| ip.is_ipv4()).copied());
             }
         }
@@ -134,7 +184,11 @@ fn service_endpoints(config: &Config, s: &Service) -> Vec<IpAddr> {
     for ep in s.endpoints.iter().flatten() {
         match (&ep.workload, ep.ip) {
             (Some(name), _) => {
-                if let Some(w) = config.workloads.iter().find(|w| w.namespace == s.namespace && &w.name == name) {
+                if let Some(w) = config
+                    .workloads
+                    .iter()
+                    .find(|w| w.namespace == s.namespace && &w.name == name)
+                {
                     out.extend(w.ips.iter().filter(|ip| ip.is_ipv4()).copied());
                 }
             }

@@ -80,16 +80,6 @@ type Invalid = (String, String);
 fn validate(c: &Config) -> Result<(), Invalid> {
     validate_component("trust domain", &c.trust_domain)
         .map_err(|e| ("trustDomain".into(), e.to_string()))?;
-    for (section, len) in [("waypoints", c.waypoints.len()), ("routes", c.routes.len())] {
-        if len > 0 {
-            return Err((
-                section.into(),
-                format!(
-                    "`{section}` are not supported by this version of Ambit yet; remove the section"
-                ),
-            ));
-        }
-    }
 
     let mut namespaces = BTreeMap::new();
     for (i, ns) in c.namespaces.iter().enumerate() {
@@ -184,6 +174,9 @@ fn validate(c: &Config) -> Result<(), Invalid> {
             }
         }
     }
+
+    routes::validate_waypoints(c, &namespaces)?;
+    routes::validate_routes(c, &namespaces, &services)?;
     Ok(())
 }
 
@@ -317,6 +310,8 @@ fn check_mode_label(labels: &BTreeMap<String, String>, at: &str) -> Result<(), I
         )),
     }
 }
+
+mod routes;
 
 #[cfg(test)]
 mod tests;

@@ -1,16 +1,20 @@
 //! Ambit's configuration model and its YAML file source.
 //!
-//! [`model`] holds the serde types exactly as users write them; [`file`] reads and
-//! validates a file into a [`Config`], reporting the file, the field and the reason for
-//! anything wrong. Everything downstream works on a validated [`Config`].
+//! [`model`] holds the serde types exactly as users write them (Gateway API routes in
+//! their upstream Kubernetes shape); [`file`](mod@file) reads and validates a file into a
+//! [`Config`], reporting the file, the field and the reason for anything wrong. Everything
+//! downstream works on a validated [`Config`].
 
 pub mod file;
+pub mod index;
 pub mod model;
+pub mod watch;
 
 pub use file::{ConfigError, load_file, parse_str};
 pub use model::{
-    Action, AuthorizationPolicy, Config, EndpointRef, Namespace, Operation, PeerAuthMode, PeerAuthentication,
-    Protocol, Rule, Scope, Service, ServicePort, Source, Workload,
+    Action, AuthorizationPolicy, Config, EndpointRef, GatewayDuration, Namespace, ObjectMeta,
+    Operation, ParentReference, PeerAuthMode, PeerAuthentication, Protocol, Route, RouteKind,
+    RouteSpec, Rule, Scope, Service, ServicePort, Source, Waypoint, Workload,
 };
 
 /// Namespace (or pod) label that opts workloads into the mesh.
@@ -19,5 +23,11 @@ pub const DATAPLANE_MODE_LABEL: &str = "ambit.dev/dataplane-mode";
 pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
 /// [`DATAPLANE_MODE_LABEL`] value that opts a pod (or namespace) out.
 pub const DATAPLANE_MODE_NONE: &str = "none";
-/// Label that sends a namespace's or service's traffic through a waypoint.
+/// Label that sends a namespace's or service's traffic through a waypoint; its value names
+/// a waypoint in the same namespace.
 pub const USE_WAYPOINT_LABEL: &str = "ambit.dev/use-waypoint";
+/// [`USE_WAYPOINT_LABEL`] value on a service that opts it out of its namespace's waypoint.
+pub const USE_WAYPOINT_NONE: &str = "none";
+/// Workload label naming the waypoint (Gateway) a pod belongs to, as Kubernetes sets it on
+/// a Gateway's pods.
+pub const WAYPOINT_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";

@@ -1,12 +1,34 @@
 //! The configuration model, as written in YAML (camelCase keys, unknown keys rejected).
+//!
+//! Gateway API routes ([`route`]) keep their upstream Kubernetes shape, with [`meta`] for
+//! their `metadata` and [`duration`] for Gateway API durations.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};
+use super::{
+    DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, USE_WAYPOINT_LABEL,
+    USE_WAYPOINT_NONE, WAYPOINT_NAME_LABEL,
+};
 use crate::identity::{Identity, IdentityError};
+
+pub mod duration;
+pub mod meta;
+pub mod route;
+
+pub use duration::{DurationError, GatewayDuration};
+pub use meta::{ObjectMeta, Timestamp, TimestampError};
+pub use route::{
+    GATEWAY_API_VERSION, GrpcBackendRef, GrpcMethodMatch, GrpcRouteFilter, GrpcRouteFilterType,
+    GrpcRouteMatch, GrpcRouteRule, GrpcRouteSpec, HeaderMatchType, HttpBackendRef, HttpHeader,
+    HttpHeaderFilter, HttpHeaderMatch, HttpMethod, HttpPathMatch, HttpPathModifier,
+    HttpPathModifierType, HttpQueryParamMatch, HttpRequestRedirectFilter, HttpRouteFilter,
+    HttpRouteFilterType, HttpRouteMatch, HttpRouteRetry, HttpRouteRule, HttpRouteSpec,
+    HttpRouteTimeouts, HttpUrlRewriteFilter, ParentReference, PathMatchType, RedirectScheme, Route,
+    RouteKind, RouteSpec, is_core_group,
+};
 
 /// The whole configuration: what the mesh knows about namespaces, workloads and services.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,12 +51,33 @@ pub struct Config {
     /// Whether plaintext is accepted (PERMISSIVE) or refused (STRICT), per scope.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peer_authentications: Vec<PeerAuthentication>,
-    /// Reserved for waypoint proxies; must be empty in this version.
+    /// Waypoint proxies: per-namespace L7 proxies that services opt into with
+    /// `ambit.dev/use-waypoint`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub waypoints: Vec<serde_yaml_ng::Value>,
-    /// Reserved for Gateway API routes; must be empty in this version.
+    pub waypoints: Vec<Waypoint>,
+    /// Gateway API `HTTPRoute` and `GRPCRoute` objects attached to services, applied by
+    /// the services' waypoints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub routes: Vec<serde_yaml_ng::Value>,
+    pub routes: Vec<Route>,
+}
+
+/// A waypoint: the L7 proxy of a namespace.
+///
+/// Its pods are the workloads in `namespace` labelled
+/// `gateway.networking.k8s.io/gateway-name: <name>` ([`WAYPOINT_NAME_LABEL`]), as Kubernetes
+/// labels the pods of a Gateway's deployment. They run as `serviceAccount`, which gives the
+/// waypoint its identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Waypoint {
+    /// Name, unique within the namespace; the value services and namespaces put in
+    /// `ambit.dev/use-waypoint`.
+    pub name: String,
+    /// Namespace the waypoint serves and runs in.
+    pub namespace: String,
+    /// Service account of the waypoint's pods; default: the waypoint's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
 }
 
 /// A namespace and its labels.
@@ -361,5 +404,61 @@ impl Config {
     /// validation; the `Result` guards configs built by hand.
     pub fn identity_of(&self, w: &Workload) -> Result<Identity, IdentityError> {
         Identity::new(&self.trust_domain, &w.namespace, &w.service_account)
+    }
+
+    /// The service `namespace/name`, if declared.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        self.services
+            .iter()
+            .find(|s| s.namespace == namespace && s.name == name)
+    }
+
+    /// The waypoint `namespace/name`, if declared.
+    pub fn waypoint(&self, namespace: &str, name: &str) -> Option<&Waypoint> {
+        self.waypoints
+            .iter()
+            .find(|w| w.namespace == namespace && w.name == name)
+    }
+
+    /// The waypoint that traffic to `s` goes through, if any.
+    ///
+    /// The service's `ambit.dev/use-waypoint` label decides first, then its namespace's.
+    /// The value names a waypoint in the service's namespace; `none` on the service opts it
+    /// out of its namespace's waypoint.
+    pub fn waypoint_for_service(&self, s: &Service) -> Option<&Waypoint> {
+        let label = s.labels.get(USE_WAYPOINT_LABEL).or_else(|| {
+            self.namespace(&s.namespace)
+                .and_then(|n| n.labels.get(USE_WAYPOINT_LABEL))
+        })?;
+        if label == USE_WAYPOINT_NONE {
+            return None;
+        }
+        self.waypoint(&s.namespace, label)
+    }
+
+    /// The pods of waypoint `w`: the workloads in its namespace labelled
+    /// `gateway.networking.k8s.io/gateway-name: <w.name>`.
+    pub fn waypoint_workloads<'a>(&'a self, w: &'a Waypoint) -> impl Iterator<Item = &'a Workload> {
+        self.workloads.iter().filter(move |p| {
+            p.namespace == w.namespace
+                && p.labels
+                    .get(WAYPOINT_NAME_LABEL)
+                    .is_some_and(|n| *n == w.name)
+        })
+    }
+
+    /// The SPIFFE identity waypoint `w` runs as. Always `Ok` for a config that passed
+    /// validation.
+    pub fn waypoint_identity(&self, w: &Waypoint) -> Result<Identity, IdentityError> {
+        Identity::new(&self.trust_domain, &w.namespace, w.service_account())
+    }
+}
+
+// === impl Waypoint ===
+
+impl Waypoint {
+    /// The service account of the waypoint's pods: `serviceAccount`, else its name.
+    pub fn service_account(&self) -> &str {
+        self.service_account.as_deref().unwrap_or(&self.name)
     }
 }

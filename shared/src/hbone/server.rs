@@ -58,6 +58,22 @@ where
     H: Fn(Incoming) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    serve_with_shutdown(io, handle, std::future::pending()).await
+}
+
+/// Like [`serve`], and once `shutdown` completes, shuts down gracefully: sends GOAWAY so
+/// the peer opens no new streams, lets the open ones finish, then returns.
+pub async fn serve_with_shutdown<IO, H, Fut, S>(
+    io: IO,
+    handle: H,
+    shutdown: S,
+) -> Result<(), h2::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    H: Fn(Incoming) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+    S: Future<Output = ()>,
+{
     let mut conn = h2::server::Builder::new()
         .initial_window_size(settings::STREAM_WINDOW)
         .initial_connection_window_size(settings::CONNECTION_WINDOW)
@@ -67,7 +83,18 @@ where
         .max_send_buffer_size(settings::MAX_SEND_BUFFER)
         .handshake::<_, Bytes>(io)
         .await?;
-    while let Some(next) = conn.accept().await {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut shutting_down = false;
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            () = &mut shutdown, if !shutting_down => {
+                shutting_down = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         let (request, respond) = next?;
         let (parts, recv) = request.into_parts();
         let incoming = Incoming {

@@ -49,6 +49,16 @@ fn denied_by(d: &Decision) -> Option<&str> {
     }
 }
 
+/// (name, policies, source identity, source IP, port, the policy expected to deny).
+type Case<'a> = (
+    &'a str,
+    Vec<&'a CompiledPolicy>,
+    Option<&'a Identity>,
+    &'a str,
+    u16,
+    Option<&'a str>,
+);
+
 #[test]
 fn table() {
     let frontend = id("spiffe://cluster.local/ns/shop/sa/frontend");
@@ -80,14 +90,7 @@ fn table() {
         "{name: mtls-only, namespace: shop, action: DENY, rules: [{from: [{notPrincipals: ['*']}]}]}",
     );
 
-    let cases: Vec<(
-        &str,
-        Vec<&CompiledPolicy>,
-        Option<&Identity>,
-        &str,
-        u16,
-        Option<&str>,
-    )> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (
             "no policies allow",
             vec![],

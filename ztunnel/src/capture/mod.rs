@@ -6,8 +6,10 @@
 //!   (HBONE), all carrying ztunnel's mark so ztunnel never captures itself;
 //! - a policy-routing rule and route that send capture-marked SYNs to `lo`, where the pod's
 //!   `sk_lookup` program hands them to the 15001 listener;
-//! - the eBPF map entries and link ([`ambit_ebpf::Capture`]).
+//! - the eBPF map entries and link ([`ambit_ebpf::Capture`]);
+//! - the DNS proxy's sockets on 15053 ([`dns`]).
 
+pub mod dns;
 pub mod netns;
 
 use std::io;

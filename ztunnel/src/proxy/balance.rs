@@ -49,11 +49,20 @@ impl Balancer {
     /// Picks an endpoint among `candidates`, skipping `tried`.
     pub fn pick(&self, candidates: &[IpAddr], tried: &[IpAddr]) -> Option<IpAddr> {
         let now = Instant::now();
-        let open: Vec<(IpAddr, Arc<EndpointState>)> =
-            candidates.iter().filter(|ip| !tried.contains(ip)).map(|ip| (*ip, self.state(*ip))).collect();
-        let healthy: Vec<&(IpAddr, Arc<EndpointState>)> =
-            open.iter().filter(|(_, s)| s.ejected_until.lock().is_none_or(|until| until <= now)).collect();
-        let pool: Vec<&(IpAddr, Arc<EndpointState>)> = if healthy.is_empty() { open.iter().collect() } else { healthy };
+        let open: Vec<(IpAddr, Arc<EndpointState>)> = candidates
+            .iter()
+            .filter(|ip| !tried.contains(ip))
+            .map(|ip| (*ip, self.state(*ip)))
+            .collect();
+        let healthy: Vec<&(IpAddr, Arc<EndpointState>)> = open
+            .iter()
+            .filter(|(_, s)| s.ejected_until.lock().is_none_or(|until| until <= now))
+            .collect();
+        let pool: Vec<&(IpAddr, Arc<EndpointState>)> = if healthy.is_empty() {
+            open.iter().collect()
+        } else {
+            healthy
+        };
         match pool.len() {
             0 => None,
             1 => Some(pool[0].0),
@@ -61,7 +70,12 @@ impl Balancer {
                 let a = fastrand::usize(..n);
                 let b = (a + 1 + fastrand::usize(..n - 1)) % n;
                 let (ea, eb) = (pool[a], pool[b]);
-                let pick = if eb.1.active.load(Ordering::Acquire) < ea.1.active.load(Ordering::Acquire) { eb } else { ea };
+                let pick =
+                    if eb.1.active.load(Ordering::Acquire) < ea.1.active.load(Ordering::Acquire) {
+                        eb
+                    } else {
+                        ea
+                    };
                 Some(pick.0)
             }
         }
@@ -77,7 +91,10 @@ impl Balancer {
     /// Records a failed connect: ejects the endpoint for a while.
     pub fn failed(&self, ip: IpAddr) -> Duration {
         let s = self.state(ip);
-        let n = s.consecutive_failures.fetch_add(1, Ordering::AcqRel).min(16);
+        let n = s
+            .consecutive_failures
+            .fetch_add(1, Ordering::AcqRel)
+            .min(16);
         let ejection = BASE_EJECTION.saturating_mul(1 << n).min(MAX_EJECTION);
         *s.ejected_until.lock() = Some(Instant::now() + ejection);
         ejection
@@ -114,7 +131,11 @@ mod tests {
         for _ in 0..100 {
             assert_ne!(b.pick(&ips, &[]), Some(ips[0]));
         }
-        assert_eq!(b.pick(&ips, &[ips[1], ips[2]]), Some(ips[0]), "all others tried: ejected one is still a candidate");
+        assert_eq!(
+            b.pick(&ips, &[ips[1], ips[2]]),
+            Some(ips[0]),
+            "all others tried: ejected one is still a candidate"
+        );
         b.succeeded(ips[0]);
         assert!((0..300).any(|_| b.pick(&ips, &[]) == Some(ips[0])));
         assert_eq!(b.pick(&[], &[]), None);

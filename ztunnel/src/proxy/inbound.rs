@@ -25,6 +25,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds the TLS acceptor for `pod`: its certificate, client certificates required.
 pub fn acceptor(pod: &Pod, ctx: &ProxyContext) -> Result<TlsAcceptor, tls::TlsError> {
+    // The shared bundle is read at every handshake, so a rotated trust anchor takes effect
+    // without rebuilding the acceptor.
     let config = tls::server_config(pod.cert.slot.clone(), &ctx.bundle, &ctx.trust_domain)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
@@ -87,7 +89,7 @@ async fn stream(
 ) {
     let src = forwarded_client(&incoming.request).unwrap_or(peer);
     let dst = parse_connect(&incoming.request).unwrap_or(SocketAddr::new(pod.ip, 0));
-    let mut log = AccessLog::new("inbound", src, dst);
+    let mut log = AccessLog::new(&ctx, "inbound", src, dst);
     log.via_hbone();
     log.source(Some(peer_identity.clone()), None);
     log.destination(Some(pod.identity.clone()), Some(pod.workload()), None);
@@ -106,7 +108,7 @@ async fn stream(
     let snapshot = ctx.snapshot.borrow().clone();
     if let Err(reason) = super::authorize(&snapshot, Some(&peer_identity), peer.ip(), dst) {
         let e = RequestError::Denied(reason);
-        log.fail(format!("{} {}", e.status().as_u16(), e));
+        log.deny(format!("{} {}", e.status().as_u16(), e));
         incoming.refuse(e.status());
         return;
     }
@@ -136,6 +138,7 @@ async fn stream(
             return;
         }
     };
+    log.established();
     let revoked = super::revoked(ctx.snapshot.clone(), Some(peer_identity), peer.ip(), dst);
     tokio::select! {
         copied = copy::bidirectional(tunnel, app, &log.counters) => {
@@ -143,7 +146,7 @@ async fn stream(
                 log.fail(e);
             }
         }
-        reason = revoked => log.fail(format!("closed by policy change: {reason}")),
+        reason = revoked => log.deny(format!("closed by policy change: {reason}")),
     }
 }
 

@@ -17,7 +17,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
     let Ok(dst) = stream.local_addr() else { return };
     let span = info_span!("inbound_plaintext", src = %peer, dst = %dst, pod = %pod.workload());
     async move {
-        let mut log = AccessLog::new("inbound", peer, dst);
+        let mut log = AccessLog::new(&ctx, "inbound", peer, dst);
         log.destination(Some(pod.identity.clone()), Some(pod.workload()), None);
         if dst.ip().is_loopback() || ambit_shared::ports::is_reserved(dst.port()) {
             warn!("refused: call to ztunnel's own port {}", dst.port());
@@ -27,7 +27,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
         let snapshot = ctx.snapshot.borrow().clone();
         if let Err(reason) = super::authorize(&snapshot, None, peer.ip(), dst) {
             let _ = stream.set_zero_linger();
-            log.fail(format!("denied: {reason}"));
+            log.deny(format!("denied: {reason}"));
             return;
         }
         let app = match connect_in(
@@ -45,6 +45,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
                 return;
             }
         };
+        log.established();
         let revoked = super::revoked(ctx.snapshot.clone(), None, peer.ip(), dst);
         tokio::select! {
             copied = copy::bidirectional(stream, app, &log.counters) => {
@@ -52,7 +53,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
                     log.fail(e);
                 }
             }
-            reason = revoked => log.fail(format!("closed by policy change: {reason}")),
+            reason = revoked => log.deny(format!("closed by policy change: {reason}")),
         }
     }
     .instrument(span)

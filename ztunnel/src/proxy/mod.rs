@@ -10,19 +10,22 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ambit_shared::config::{Config, PeerAuthMode};
-use ambit_shared::policy::{self, Decision};
+use ambit_shared::config::PeerAuthMode;
 use ambit_shared::copy::Counters;
 use ambit_shared::hbone::Pool;
 use ambit_shared::identity::Identity;
+use ambit_shared::policy::{self, Decision};
 use ambit_shared::ports;
-use ambit_shared::tls::TrustBundle;
+use ambit_shared::tls::SharedBundle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::capture::Netns;
 use crate::identity::IdentityCert;
+use crate::metrics::{
+    ConnectionFacts, ConnectionMeter, Reporter, ResponseFlags, Traffic, TrafficLabels,
+};
 use crate::state::Snapshot;
 
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop cannot spin.
@@ -31,18 +34,18 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// What every proxy task needs, shared by all pods on the node.
 #[derive(Debug)]
 pub struct ProxyContext {
-    /// The current config.
-    pub config: watch::Receiver<Arc<Config>>,
     /// The current config, indexed for the data path.
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     /// Endpoint load and health for service load balancing.
     pub balancer: balance::Balancer,
     /// Pooled HBONE connections.
     pub pool: Pool,
-    /// Roots we trust.
-    pub bundle: TrustBundle,
+    /// Roots we trust; replaced when the CA's bundle changes, read at every handshake.
+    pub bundle: SharedBundle,
     /// Our trust domain.
     pub trust_domain: String,
+    /// Istio's TCP metrics, recorded by [`AccessLog`].
+    pub metrics: Arc<Traffic>,
 }
 
 /// An enrolled pod on this node, as the proxy sees it.
@@ -100,18 +103,45 @@ pub async fn accept_loop<F, Fut>(
 }
 
 /// Why an inbound connection is refused, or `Ok` to let it in. Pure: logs nothing.
-pub fn decide(snap: &Snapshot, src_identity: Option<&Identity>, src: IpAddr, dst: SocketAddr) -> Result<policy::Notes, String> {
+pub fn decide(
+    snap: &Snapshot,
+    src_identity: Option<&Identity>,
+    src: IpAddr,
+    dst: SocketAddr,
+) -> Result<policy::Notes, String> {
     let Some(w) = snap.workload_by_ip(dst.ip()) else {
-        return Err(format!("{} is no longer a workload in the config", dst.ip()));
+        return Err(format!(
+            "{} is no longer a workload in the config",
+            dst.ip()
+        ));
     };
+    // A workload behind a waypoint is reached only through it: anything else is a bypass.
+    if let Some(wp) = snap.waypoint_in_front_of(dst.ip()) {
+        let expected = snap.config.waypoint_identity(wp).map_err(|e| e.to_string())?;
+        if src_identity != Some(&expected) {
+            return Err(format!(
+                "{} is behind waypoint {}/{}: only {expected} may connect (bypass refused)",
+                dst.ip(),
+                wp.namespace,
+                wp.name
+            ));
+        }
+    }
     if src_identity.is_none() {
         let (mode, source) = snap.config.peer_auth_mode(w);
         if mode == PeerAuthMode::Strict {
             let name = source.map(|p| p.name.as_str()).unwrap_or_default();
-            return Err(format!("plaintext refused by STRICT peer authentication {name}"));
+            return Err(format!(
+                "plaintext refused by STRICT peer authentication {name}"
+            ));
         }
     }
-    let conn = policy::Conn { src_identity, src, dst, dst_workload: w };
+    let conn = policy::Conn {
+        src_identity,
+        src,
+        dst,
+        dst_workload: w,
+    };
     match policy::evaluate(&conn, &snap.policies, false) {
         (Decision::Allow, notes) => Ok(notes),
         (Decision::Deny { reason, .. }, _) => Err(reason),
@@ -119,7 +149,12 @@ pub fn decide(snap: &Snapshot, src_identity: Option<&Identity>, src: IpAddr, dst
 }
 
 /// [`decide`], logging audits, dry-run verdicts and denials.
-pub fn authorize(snap: &Snapshot, src_identity: Option<&Identity>, src: IpAddr, dst: SocketAddr) -> Result<(), String> {
+pub fn authorize(
+    snap: &Snapshot,
+    src_identity: Option<&Identity>,
+    src: IpAddr,
+    dst: SocketAddr,
+) -> Result<(), String> {
     match decide(snap, src_identity, src, dst) {
         Ok(notes) => {
             for p in notes.audited {
@@ -158,10 +193,17 @@ pub async fn revoked(
     }
 }
 
-/// One access-log line per connection, written when the connection ends (or its task is
-/// cancelled), so no connection goes unlogged.
+/// One access-log line and one set of TCP metrics per connection, written when the
+/// connection ends (or its task is cancelled), so no connection goes unlogged or uncounted.
+///
+/// The metrics count the connection as opened at [`AccessLog::established`], with the
+/// labels known then, and meter its bytes until it ends; a connection that never got that
+/// far counts as opened and closed when the log drops, with response flags saying why.
 #[derive(Debug)]
 pub struct AccessLog {
+    ctx: Arc<ProxyContext>,
+    meter: Option<ConnectionMeter>,
+    denied: bool,
     direction: &'static str,
     protocol: &'static str,
     src_addr: SocketAddr,
@@ -179,9 +221,18 @@ pub struct AccessLog {
 }
 
 impl AccessLog {
-    /// Starts a log entry.
-    pub fn new(direction: &'static str, src_addr: SocketAddr, dst_addr: SocketAddr) -> Self {
+    /// Starts a log entry; `direction` is `outbound` (we report as the source) or
+    /// `inbound` (as the destination).
+    pub fn new(
+        ctx: &Arc<ProxyContext>,
+        direction: &'static str,
+        src_addr: SocketAddr,
+        dst_addr: SocketAddr,
+    ) -> Self {
         AccessLog {
+            ctx: ctx.clone(),
+            meter: None,
+            denied: false,
             direction,
             protocol: "TCP",
             src_addr,
@@ -233,10 +284,57 @@ impl AccessLog {
     pub fn fail(&mut self, error: impl std::fmt::Display) {
         self.error = Some(error.to_string());
     }
+
+    /// Records that policy refused or closed the connection.
+    pub fn deny(&mut self, error: impl std::fmt::Display) {
+        self.denied = true;
+        self.fail(error);
+    }
+
+    /// Marks the connection as set up: both ends are connected and bytes are about to
+    /// flow. Counts it as opened, with the labels known now, and starts metering its bytes.
+    pub fn established(&mut self) {
+        if self.meter.is_none() {
+            self.meter = Some(self.open_meter());
+        }
+    }
+
+    fn open_meter(&self) -> ConnectionMeter {
+        let snapshot = self.ctx.snapshot.borrow().clone();
+        let facts = ConnectionFacts {
+            reporter: if self.direction == "outbound" {
+                Reporter::Source
+            } else {
+                Reporter::Destination
+            },
+            src: self.src_addr,
+            src_identity: self.src_identity.as_ref(),
+            dst: self.dst_addr,
+            endpoint: self.dst_hbone.map(|a| a.ip()),
+            dst_identity: self.dst_identity.as_ref(),
+            mtls: self.protocol == "HBONE",
+        };
+        self.ctx
+            .metrics
+            .open(TrafficLabels::new(&snapshot, &facts), self.counters.clone())
+    }
 }
 
 impl Drop for AccessLog {
     fn drop(&mut self) {
+        let established = self.meter.is_some();
+        let mut meter = match self.meter.take() {
+            Some(m) => m,
+            None => self.open_meter(),
+        };
+        meter.set_flags(if self.denied {
+            ResponseFlags::Deny
+        } else if self.error.is_some() && !established {
+            ResponseFlags::ConnectFailure
+        } else {
+            ResponseFlags::None
+        });
+        drop(meter);
         let (sent, received) = self.counters.get();
         let opt = |v: &Option<Identity>| v.as_ref().map(ToString::to_string).unwrap_or_default();
         info!(

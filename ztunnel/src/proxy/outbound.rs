@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use std::net::IpAddr;
 
-use ambit_shared::config::{Protocol, Service};
+use ambit_shared::config::{Protocol, Service, Waypoint};
 use ambit_shared::copy;
 use ambit_shared::hbone::{self, H2Stream, PoolKey};
 use ambit_shared::ports;
@@ -19,8 +19,8 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::balance::Lease;
 use super::{AccessLog, Pod, ProxyContext};
-use crate::state::Snapshot;
 use crate::capture::connect_in;
+use crate::state::Snapshot;
 
 /// Handles one captured connection from `pod`.
 pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
@@ -34,7 +34,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
     };
     let span = info_span!("outbound", src = %peer, dst = %dst, pod = %pod.workload());
     async move {
-        let mut log = AccessLog::new("outbound", peer, dst);
+        let mut log = AccessLog::new(&ctx, "outbound", peer, dst);
         log.source(Some(pod.identity.clone()), Some(pod.workload()));
         if pod.is_self_call(dst) {
             warn!(
@@ -45,15 +45,32 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
             return;
         }
         let snapshot = ctx.snapshot.borrow().clone();
+        // Each connection is routed once: to a waypoint (which picks the backend), to a
+        // service endpoint, or to the address dialled.
         let upstream = match snapshot.service_by_vip(dst.ip()) {
-            Some((svc, endpoints)) => to_service(peer, dst, svc, endpoints, &snapshot, &pod, &ctx, &mut log).await,
-            None => to_address(peer, dst, &snapshot, &pod, &ctx, &mut log).await.map(|io| (io, None)),
+            Some((svc, endpoints)) => match snapshot.config.waypoint_for_service(svc) {
+                Some(wp) => {
+                    log.service(format!("{}/{}", svc.namespace, svc.name));
+                    via_waypoint(peer, dst, wp, &snapshot, &pod, &ctx, &mut log).await
+                }
+                None => to_service(peer, dst, svc, endpoints, &snapshot, &pod, &ctx, &mut log).await,
+            },
+            None => match snapshot.waypoint_in_front_of(dst.ip()) {
+                Some(wp) => via_waypoint(peer, dst, wp, &snapshot, &pod, &ctx, &mut log).await,
+                None => to_address(peer, dst, &snapshot, &pod, &ctx, &mut log)
+                    .await
+                    .map(|io| (io, None)),
+            },
         };
         let (upstream, _lease) = match upstream {
             Ok(u) => u,
             Err(e) => return refuse(&stream, &mut log, e),
         };
-        if let Err(e) = copy::bidirectional(stream, upstream, &log.counters).await.or_else(ignore_close) {
+        log.established();
+        if let Err(e) = copy::bidirectional(stream, upstream, &log.counters)
+            .await
+            .or_else(ignore_close)
+        {
             log.fail(e);
         }
     }
@@ -77,17 +94,28 @@ async fn to_address(
     ctx: &ProxyContext,
     log: &mut AccessLog,
 ) -> Result<Box<dyn Io>, String> {
-    match snapshot.workload_by_ip(dst.ip()).filter(|w| snapshot.config.is_enrolled(w)) {
+    match snapshot
+        .workload_by_ip(dst.ip())
+        .filter(|w| snapshot.config.is_enrolled(w))
+    {
         Some(w) => {
             let dst_identity = snapshot.config.identity_of(w).map_err(|e| e.to_string())?;
             let hbone_addr = SocketAddr::new(dst.ip(), ports::HBONE);
-            log.destination(Some(dst_identity.clone()), Some(format!("{}/{}", w.namespace, w.name)), Some(hbone_addr));
-            let tunnel = open_tunnel(peer, dst, hbone_addr, dst_identity, pod, ctx).await.map_err(|e| e.to_string())?;
+            log.destination(
+                Some(dst_identity.clone()),
+                Some(format!("{}/{}", w.namespace, w.name)),
+                Some(hbone_addr),
+            );
+            let tunnel = open_tunnel(peer, dst, hbone_addr, dst_identity, pod, ctx)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(Box::new(tunnel))
         }
         None => {
             log.destination(None, None, None);
-            let tcp = connect_in(&pod.netns, dst, None).await.map_err(|e| format!("connect {dst}: {e}"))?;
+            let tcp = connect_in(&pod.netns, dst, None)
+                .await
+                .map_err(|e| format!("connect {dst}: {e}"))?;
             Ok(Box::new(tcp))
         }
     }
@@ -119,7 +147,9 @@ async fn to_service(
     let mut tried = Vec::new();
     let mut last_error = String::new();
     while tried.len() < MAX_SERVICE_ATTEMPTS {
-        let Some(ip) = ctx.balancer.pick(endpoints, &tried) else { break };
+        let Some(ip) = ctx.balancer.pick(endpoints, &tried) else {
+            break;
+        };
         tried.push(ip);
         let dst = SocketAddr::new(ip, target_port);
         match to_address(peer, dst, snapshot, pod, ctx, log).await {
@@ -134,7 +164,55 @@ async fn to_service(
             }
         }
     }
-    Err(format!("service {name}: {} endpoint(s) failed, last {last_error}", tried.len()))
+    Err(format!(
+        "service {name}: {} endpoint(s) failed, last {last_error}",
+        tried.len()
+    ))
+}
+
+/// Tunnels to one of a waypoint's replicas, with the address the client dialled as the
+/// CONNECT authority, so the waypoint (not us) picks the backend.
+async fn via_waypoint(
+    peer: SocketAddr,
+    dst: SocketAddr,
+    wp: &Waypoint,
+    snapshot: &Snapshot,
+    pod: &Arc<Pod>,
+    ctx: &ProxyContext,
+    log: &mut AccessLog,
+) -> Result<(Box<dyn Io>, Option<Lease>), String> {
+    let name = format!("{}/{}", wp.namespace, wp.name);
+    let identity = snapshot.config.waypoint_identity(wp).map_err(|e| e.to_string())?;
+    let replicas: Vec<(IpAddr, String)> = snapshot
+        .config
+        .waypoint_workloads(wp)
+        .flat_map(|w| w.ips.iter().filter(|ip| ip.is_ipv4()).map(move |ip| (*ip, format!("{}/{}", w.namespace, w.name))))
+        .collect();
+    if replicas.is_empty() {
+        return Err(format!("waypoint {name} has no replicas"));
+    }
+    let ips: Vec<IpAddr> = replicas.iter().map(|(ip, _)| *ip).collect();
+    let mut tried = Vec::new();
+    let mut last_error = String::new();
+    while tried.len() < MAX_SERVICE_ATTEMPTS {
+        let Some(ip) = ctx.balancer.pick(&ips, &tried) else { break };
+        tried.push(ip);
+        let hbone_addr = SocketAddr::new(ip, ports::HBONE);
+        let replica = replicas.iter().find(|(r, _)| *r == ip).map(|(_, n)| n.clone());
+        log.destination(Some(identity.clone()), replica, Some(hbone_addr));
+        match open_tunnel(peer, dst, hbone_addr, identity.clone(), pod, ctx).await {
+            Ok(tunnel) => {
+                ctx.balancer.succeeded(ip);
+                return Ok((Box::new(tunnel), Some(ctx.balancer.lease(ip))));
+            }
+            Err(e) => {
+                let ejected_for = ctx.balancer.failed(ip);
+                warn!(waypoint = %name, replica = %hbone_addr, error = %e, ?ejected_for, "waypoint replica failed; trying another");
+                last_error = format!("{hbone_addr}: {e}");
+            }
+        }
+    }
+    Err(format!("waypoint {name}: {} replica(s) failed, last {last_error}", tried.len()))
 }
 
 /// Fails a connection we could not serve: the app gets a reset, as it would from a host

@@ -2,6 +2,8 @@ use std::path::Path;
 
 use super::*;
 
+mod routes;
+
 const GOOD: &str = r#"
 trustDomain: cluster.local
 namespaces:
@@ -119,11 +121,11 @@ fn rejects_bad_mode_label() {
 }
 
 #[test]
-fn rejects_unsupported_sections() {
+fn names_field_for_incomplete_waypoint() {
     expect_error(
         &format!("{GOOD}waypoints: [{{name: x}}]\n"),
-        "waypoints",
-        "not supported",
+        "waypoints[0]",
+        "missing field `namespace`",
     );
 }
 

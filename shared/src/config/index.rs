@@ -1,0 +1,254 @@
+//! A config indexed for the data path: built once per config version, then read by every
+//! connection without scanning lists.
+//!
+//! [`index`] keeps a `watch` channel of [`Snapshot`]s in step with the config channel that
+//! [`super::watch::watch_file`] publishes.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tracing::error;
+
+use super::{Config, Service, USE_WAYPOINT_LABEL, Workload};
+use crate::policy::{self, CompiledPolicy};
+
+/// A config with the lookups the data path needs, built once per config version.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The config it was built from.
+    pub config: Arc<Config>,
+    by_ip: HashMap<IpAddr, usize>,
+    by_vip: HashMap<IpAddr, usize>,
+    by_name: HashMap<(String, String), usize>,
+    endpoints: Vec<Vec<IpAddr>>,
+    /// Authorization policies, compiled.
+    pub policies: Vec<CompiledPolicy>,
+}
+
+impl Snapshot {
+    /// Indexes `config`. Policies that fail to compile were already refused by validation;
+    /// any that slip through are left out and logged.
+    pub fn new(config: Arc<Config>) -> Self {
+        let mut by_ip = HashMap::new();
+        for (i, w) in config.workloads.iter().enumerate() {
+            for ip in &w.ips {
+                by_ip.insert(*ip, i);
+            }
+        }
+        let mut by_vip = HashMap::new();
+        let mut by_name = HashMap::new();
+        let mut endpoints = Vec::with_capacity(config.services.len());
+        for (i, s) in config.services.iter().enumerate() {
+            for vip in &s.vips {
+                by_vip.insert(*vip, i);
+            }
+            by_name.insert((s.namespace.clone(), s.name.clone()), i);
+            endpoints.push(service_endpoints(&config, s));
+        }
+        let policies = config
+            .authorization_policies
+            .iter()
+            .filter_map(|p| match policy::compile(p) {
+                Ok(c) => Some(c),
+                Err((field, reason)) => {
+                    error!(policy = %p.name, field, reason, "policy left out");
+                    None
+                }
+            })
+            .collect();
+        Snapshot {
+            config,
+            by_ip,
+            by_vip,
+            by_name,
+            endpoints,
+            policies,
+        }
+    }
+
+    /// The workload that owns `ip`.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.by_ip
+            .get(&ip)
+            .and_then(|i| self.config.workloads.get(*i))
+    }
+
+    /// The service behind a VIP, with its endpoints.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<(&Service, &[IpAddr])> {
+        self.service_at(*self.by_vip.get(&ip)?)
+    }
+
+    /// The service `namespace/name`, with its endpoints.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<(&Service, &[IpAddr])> {
+        let i = *self
+            .by_name
+            .get(&(namespace.to_string(), name.to_string()))?;
+        self.service_at(i)
+    }
+
+    fn service_at(&self, i: usize) -> Option<(&Service, &[IpAddr])> {
+        Some((
+            self.config.services.get(i)?,
+            self.endpoints.get(i).map(Vec::as_slice).unwrap_or_default(),
+        ))
+    }
+
+    /// The waypoint a service's traffic goes through: the service's
+    /// `ambit.dev/use-waypoint` label, or else its namespace's. A service label names
+    /// the waypoint even when the namespace names another one.
+    pub fn waypoint_of<'a>(&'a self, s: &'a Service) -> Option<&'a str> {
+        s.labels
+            .get(USE_WAYPOINT_LABEL)
+            .or_else(|| {
+                self.config
+                    .namespace(&s.namespace)
+                    .and_then(|n| n.labels.get(USE_WAYPOINT_LABEL))
+            })
+            .map(String::as_str)
+            .filter(|name| !name.is_empty())
+    }
+}
+
+/// Istio's canonical service and revision of a workload, from its labels
+/// (`service.istio.io/canonical-name`, `app.kubernetes.io/name`, `app`; and
+/// `service.istio.io/canonical-revision`, `app.kubernetes.io/version`, `version`), falling
+/// back to the workload name and `latest`, as Istio does. Metric labels use them.
+pub fn canonical(w: &Workload) -> (String, String) {
+    let label = |keys: &[&str]| keys.iter().find_map(|k| w.labels.get(*k)).cloned();
+    let service = label(&[
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ])
+    .unwrap_or_else(|| w.name.clone());
+    let revision = label(&[
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ])
+    .unwrap_or_else(|| "latest".to_string());
+    (service, revision)
+}
+
+fn service_endpoints(config: &Config, s: &Service) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    if let Some(selector) = &s.selector {
+        for w in &config.workloads {
+            if w.namespace == s.namespace
+                && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+            {
+                out.extend(w.ips.iter().filter(|ip| ip.is_ipv4()).copied());
+            }
+        }
+    }
+    for ep in s.endpoints.iter().flatten() {
+        match (&ep.workload, ep.ip) {
+            (Some(name), _) => {
+                if let Some(w) = config
+                    .workloads
+                    .iter()
+                    .find(|w| w.namespace == s.namespace && &w.name == name)
+                {
+                    out.extend(w.ips.iter().filter(|ip| ip.is_ipv4()).copied());
+                }
+            }
+            (None, Some(ip)) => out.push(ip),
+            (None, None) => {}
+        }
+    }
+    out
+}
+
+/// Keeps a [`Snapshot`] channel in step with the config channel. Returns when the config
+/// sender is gone.
+pub async fn index(mut config: watch::Receiver<Arc<Config>>, tx: watch::Sender<Arc<Snapshot>>) {
+    while config.changed().await.is_ok() {
+        let c = config.borrow_and_update().clone();
+        tx.send_replace(Arc::new(Snapshot::new(c)));
+    }
+}
+
+/// A snapshot channel fed from `config`: the first snapshot is built at once, later ones
+/// by a task spawned on the current runtime.
+pub fn spawn_index(config: watch::Receiver<Arc<Config>>) -> watch::Receiver<Arc<Snapshot>> {
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::new(config.borrow().clone())));
+    tokio::spawn(index(config, tx));
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const CONFIG: &str = r#"
+trustDomain: cluster.local
+namespaces:
+  - name: shop
+    labels: { ambit.dev/use-waypoint: shop-wp }
+  - name: other
+workloads:
+  - { name: web-1, namespace: shop, ips: [10.1.1.2], node: a, labels: { app: web, version: v2 } }
+  - { name: web-2, namespace: shop, ips: [10.1.1.3], node: a, labels: { app: web } }
+  - { name: db, namespace: other, ips: [10.1.2.2], node: b }
+services:
+  - name: web
+    namespace: shop
+    vips: [10.96.0.10]
+    ports: [{ port: 80, targetPort: 8080 }]
+    selector: { app: web }
+  - name: pinned
+    namespace: shop
+    vips: [10.96.0.11]
+    ports: [{ port: 80 }]
+    endpoints: [{ workload: web-1 }, { ip: 10.9.9.9 }]
+    labels: { ambit.dev/use-waypoint: special }
+  - name: db
+    namespace: other
+    vips: [10.96.0.12]
+    ports: [{ port: 5432 }]
+    selector: { app: db }
+"#;
+
+    fn snapshot() -> Snapshot {
+        let c = super::super::parse_str(Path::new("t.yaml"), CONFIG).expect("valid config");
+        Snapshot::new(Arc::new(c))
+    }
+
+    #[test]
+    fn looks_up_workloads_services_and_waypoints() {
+        let s = snapshot();
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(
+            s.workload_by_ip(ip("10.1.1.3")).map(|w| w.name.as_str()),
+            Some("web-2")
+        );
+        let (web, eps) = s.service_by_vip(ip("10.96.0.10")).expect("web");
+        assert_eq!(web.name, "web");
+        assert_eq!(eps, &[ip("10.1.1.2"), ip("10.1.1.3")]);
+        let (_, eps) = s.service("shop", "pinned").expect("pinned");
+        assert_eq!(eps, &[ip("10.1.1.2"), ip("10.9.9.9")]);
+        assert!(s.service("shop", "nope").is_none());
+
+        assert_eq!(s.waypoint_of(web), Some("shop-wp"));
+        let (pinned, _) = s.service("shop", "pinned").expect("pinned");
+        assert_eq!(s.waypoint_of(pinned), Some("special"));
+        let (db, _) = s.service("other", "db").expect("db");
+        assert_eq!(s.waypoint_of(db), None);
+    }
+
+    #[test]
+    fn canonical_names_follow_istio() {
+        let s = snapshot();
+        let w1 = s
+            .workload_by_ip("10.1.1.2".parse().expect("ip"))
+            .expect("w");
+        assert_eq!(canonical(w1), ("web".into(), "v2".into()));
+        let db = s
+            .workload_by_ip("10.1.2.2".parse().expect("ip"))
+            .expect("w");
+        assert_eq!(canonical(db), ("db".into(), "latest".into()));
+    }
+}
