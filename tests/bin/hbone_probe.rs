@@ -3,17 +3,26 @@
 //!
 //! It speaks real mutual TLS with a certificate from `ztunnel ca issue`, and checks the
 //! server's identity like a ztunnel would.
+//!
+//! With `--http1 N` or `--h2c N` it speaks HTTP inside the accepted tunnel, as a client
+//! behind a source ztunnel would through a waypoint: N HTTP/1.1 requests one after another
+//! on one keep-alive connection, or N HTTP/2 (prior knowledge) requests on one connection,
+//! `--concurrency` at a time. It then prints the count of each status and of each response
+//! body (`statuses`, `bodies`) and the first errors.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ambit_shared::hbone::H2Stream;
 use ambit_shared::identity::Identity;
 use ambit_shared::tls;
 use anyhow::Context;
 use bytes::Bytes;
 use clap::Parser;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -44,9 +53,50 @@ struct Args {
     /// Bytes to send through an accepted tunnel (then read the reply until EOF).
     #[arg(long)]
     send: Option<String>,
+    /// Send this many HTTP/1.1 requests through the tunnel, on one keep-alive connection.
+    #[arg(long, conflicts_with_all = ["send", "h2c"])]
+    http1: Option<usize>,
+    /// Send this many HTTP/2 requests (h2c, prior knowledge) through the tunnel.
+    #[arg(long, conflicts_with = "send")]
+    h2c: Option<usize>,
+    /// HTTP/2 requests in flight at once.
+    #[arg(long, default_value_t = 10)]
+    concurrency: usize,
+    /// Path of the HTTP requests.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Host of the HTTP requests.
+    #[arg(long, default_value = "example")]
+    host: String,
     /// Overall time limit.
     #[arg(long, default_value_t = 10)]
     timeout_secs: u64,
+}
+
+/// The most error messages an HTTP run reports.
+const MAX_ERRORS: usize = 5;
+
+/// What an HTTP run saw.
+#[derive(Default)]
+struct Tally {
+    statuses: std::collections::BTreeMap<String, u64>,
+    bodies: std::collections::BTreeMap<String, u64>,
+    errors: Vec<String>,
+}
+
+impl Tally {
+    fn response(&mut self, status: u16, body: &[u8]) {
+        *self.statuses.entry(status.to_string()).or_default() += 1;
+        let body = String::from_utf8_lossy(body).trim_end().to_string();
+        *self.bodies.entry(body).or_default() += 1;
+    }
+
+    fn error(&mut self, e: impl std::fmt::Display) {
+        *self.statuses.entry("error".into()).or_default() += 1;
+        if self.errors.len() < MAX_ERRORS {
+            self.errors.push(e.to_string());
+        }
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -57,16 +107,33 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("probe timed out")?;
     match result {
-        Ok((status, received)) => println!(
+        Ok((status, Outcome::Bytes(received))) => println!(
             "{}",
             serde_json::json!({ "status": status, "received": received })
+        ),
+        Ok((status, Outcome::Http(t))) => println!(
+            "{}",
+            serde_json::json!({
+                "status": status,
+                "statuses": t.statuses,
+                "bodies": t.bodies,
+                "errors": t.errors,
+            })
         ),
         Err(e) => println!("{}", serde_json::json!({ "error": format!("{e:#}") })),
     }
     Ok(())
 }
 
-async fn probe(args: &Args) -> anyhow::Result<(u16, String)> {
+/// What came back through the tunnel.
+enum Outcome {
+    /// Raw bytes (`--send`).
+    Bytes(String),
+    /// HTTP responses (`--http1`, `--h2c`).
+    Http(Tally),
+}
+
+async fn probe(args: &Args) -> anyhow::Result<(u16, Outcome)> {
     let cert = tls::load_certified_key(&args.cert, &args.key)?;
     let bundle = tls::TrustBundle::load(&args.bundle)?;
     let config = tls::client_config(cert, &bundle, args.server_identity.clone())?;
@@ -87,6 +154,15 @@ async fn probe(args: &Args) -> anyhow::Result<(u16, String)> {
     let (response, mut send) = client.send_request(request, false)?;
     let response = response.await?;
     let status = response.status().as_u16();
+    if status == 200 && (args.http1.is_some() || args.h2c.is_some()) {
+        let tunnel = ambit_shared::hbone::H2Stream::new(send, response.into_body());
+        let tally = match (args.http1, args.h2c) {
+            (Some(n), _) => http1(tunnel, n, args).await?,
+            (None, Some(n)) => h2c(tunnel, n, args).await?,
+            (None, None) => Tally::default(),
+        };
+        return Ok((status, Outcome::Http(tally)));
+    }
     let mut received = Vec::new();
     if status == 200 {
         if let Some(data) = &args.send {
@@ -99,5 +175,89 @@ async fn probe(args: &Args) -> anyhow::Result<(u16, String)> {
             received.extend_from_slice(&chunk);
         }
     }
-    Ok((status, String::from_utf8_lossy(&received).into_owned()))
+    Ok((
+        status,
+        Outcome::Bytes(String::from_utf8_lossy(&received).into_owned()),
+    ))
+}
+
+fn request(args: &Args, absolute: bool) -> anyhow::Result<http::Request<Empty<Bytes>>> {
+    let uri = if absolute {
+        format!("http://{}{}", args.host, args.path)
+    } else {
+        args.path.clone()
+    };
+    let mut b = http::Request::get(uri);
+    if !absolute {
+        b = b.header(http::header::HOST, args.host.as_str());
+    }
+    Ok(b.body(Empty::new())?)
+}
+
+/// `n` requests, one after another, on one HTTP/1.1 keep-alive connection.
+async fn http1(tunnel: H2Stream, n: usize, args: &Args) -> anyhow::Result<Tally> {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel))
+        .await
+        .context("HTTP/1.1 handshake in the tunnel")?;
+    tokio::spawn(conn);
+    let mut tally = Tally::default();
+    for _ in 0..n {
+        if let Err(e) = sender.ready().await {
+            // The keep-alive connection is gone: every request left fails.
+            tally.error(format!("connection closed: {e}"));
+            break;
+        }
+        match sender.send_request(request(args, false)?).await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                match resp.into_body().collect().await {
+                    Ok(b) => tally.response(status, &b.to_bytes()),
+                    Err(e) => tally.error(format!("body: {e}")),
+                }
+            }
+            Err(e) => tally.error(e),
+        }
+    }
+    Ok(tally)
+}
+
+/// `n` requests on one HTTP/2 connection, `--concurrency` in flight at once.
+async fn h2c(tunnel: H2Stream, n: usize, args: &Args) -> anyhow::Result<Tally> {
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tunnel),
+    )
+    .await
+    .context("HTTP/2 handshake in the tunnel")?;
+    tokio::spawn(conn);
+    let mut tally = Tally::default();
+    let mut left = n;
+    while left > 0 {
+        let batch = left.min(args.concurrency.max(1));
+        left -= batch;
+        let mut tasks = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            let mut sender = sender.clone();
+            let req = request(args, true)?;
+            tasks.push(tokio::spawn(async move {
+                let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+                let status = resp.status().as_u16();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| format!("body: {e}"))?
+                    .to_bytes();
+                Ok::<_, String>((status, body))
+            }));
+        }
+        for t in tasks {
+            match t.await {
+                Ok(Ok((status, body))) => tally.response(status, &body),
+                Ok(Err(e)) => tally.error(e),
+                Err(e) => tally.error(format!("task: {e}")),
+            }
+        }
+    }
+    Ok(tally)
 }

@@ -3,9 +3,11 @@
 //! Servers print `listening on <addr>` once bound, so the harness can wait
 //! for them instead of sleeping:
 //! - `echo --listen ADDR`: TCP echo, any number of concurrent connections.
-//! - `http --listen ADDR --name NAME`: HTTP/1.1; every request gets 200,
-//!   body `hello from NAME\n` and header `x-peer: <client ip:port>`, so tests
-//!   see which source address the app observed.
+//! - `http --listen ADDR --name NAME [--fail-rate F]`: HTTP/1.1 and h2c
+//!   (prior knowledge); every request gets 200, body `hello from NAME\n` and
+//!   header `x-peer: <client ip:port>`, so tests see which source address the
+//!   app observed. With `--fail-rate`, that fraction of requests (at random)
+//!   gets 503 and body `NAME unavailable\n` instead.
 //! - `sink --listen ADDR`: reads to EOF, replies `<bytes> <sha256hex>\n`.
 //!
 //! Clients print one JSON object on stdout and bound every step with
@@ -31,10 +33,10 @@ use clap::{Parser, Subcommand};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -65,12 +67,15 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
-    /// HTTP/1.1 server answering `hello from NAME`.
+    /// HTTP/1.1 and h2c server answering `hello from NAME`.
     Http {
         #[arg(long)]
         listen: SocketAddr,
         #[arg(long)]
         name: String,
+        /// Fraction of requests (0 to 1) answered with 503, at random.
+        #[arg(long, default_value_t = 0.0)]
+        fail_rate: f64,
     },
     /// Reads to EOF, replies `<bytes> <sha256hex>`.
     Sink {
@@ -165,7 +170,11 @@ fn main() -> ExitCode {
     rt.block_on(async move {
         match cli.cmd {
             Cmd::Echo { listen } => serve(listen, echo).await,
-            Cmd::Http { listen, name } => serve_http(listen, name).await,
+            Cmd::Http {
+                listen,
+                name,
+                fail_rate,
+            } => serve_http(listen, name, fail_rate).await,
             Cmd::Sink { listen } => serve(listen, sink).await,
             Cmd::Send {
                 to,
@@ -272,11 +281,19 @@ async fn sink(mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.shutdown().await;
 }
 
-async fn serve_http(listen: SocketAddr, name: String) -> ExitCode {
+async fn serve_http(listen: SocketAddr, name: String, fail_rate: f64) -> ExitCode {
     let Some(listener) = bind(listen).await else {
         return ExitCode::from(2);
     };
     let body = Bytes::from(format!("hello from {name}\n"));
+    let unavailable = Bytes::from(format!("{name} unavailable\n"));
+    // Seeded per process: each server fails its own random share of requests.
+    let seed = u64::from(std::process::id())
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+    let prng = std::sync::Arc::new(parking_lot::Mutex::new(Prng::new(seed)));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -286,10 +303,20 @@ async fn serve_http(listen: SocketAddr, name: String) -> ExitCode {
                 continue;
             }
         };
-        let body = body.clone();
+        let (body, unavailable, prng) = (body.clone(), unavailable.clone(), prng.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |_req: Request<Incoming>| {
-                let mut resp = Response::new(Full::new(body.clone()));
+                // next_u64 / 2^64 is uniform in [0, 1).
+                let roll = prng.lock().next_u64() as f64 / 18_446_744_073_709_551_616.0;
+                let fail = roll < fail_rate;
+                let mut resp = Response::new(Full::new(if fail {
+                    unavailable.clone()
+                } else {
+                    body.clone()
+                }));
+                if fail {
+                    *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                }
                 let headers = resp.headers_mut();
                 headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
                 // A SocketAddr's text is always a valid header value.
@@ -298,7 +325,8 @@ async fn serve_http(listen: SocketAddr, name: String) -> ExitCode {
                 }
                 async move { Ok::<_, Infallible>(resp) }
             });
-            if let Err(e) = http1::Builder::new()
+            // HTTP/1.1, or HTTP/2 when the client opens with the h2 preface (h2c).
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
             {

@@ -130,6 +130,7 @@ pub fn bin_path(name: &str) -> Result<PathBuf> {
     }
     let package = match name {
         "ztunnel" => "ambit-ztunnel",
+        "waypoint" => "ambit-waypoint",
         "ambit-testapp" => "ambit-tests",
         other => other,
     };

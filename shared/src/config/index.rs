@@ -11,7 +11,9 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::error;
 
-use super::{Config, Service, USE_WAYPOINT_LABEL, Workload};
+use super::{
+    Config, Service, USE_WAYPOINT_LABEL, USE_WAYPOINT_NONE, WAYPOINT_NAME_LABEL, Waypoint, Workload,
+};
 use crate::policy::{self, CompiledPolicy};
 
 /// A config with the lookups the data path needs, built once per config version.
@@ -23,6 +25,8 @@ pub struct Snapshot {
     by_vip: HashMap<IpAddr, usize>,
     by_name: HashMap<(String, String), usize>,
     endpoints: Vec<Vec<IpAddr>>,
+    /// Workload address → index of the waypoint in front of it.
+    fronted_by: HashMap<IpAddr, usize>,
     /// Authorization policies, compiled.
     pub policies: Vec<CompiledPolicy>,
 }
@@ -58,14 +62,23 @@ impl Snapshot {
                 }
             })
             .collect();
+        let fronted_by = fronted_workloads(&config, &endpoints);
         Snapshot {
             config,
             by_ip,
             by_vip,
             by_name,
             endpoints,
+            fronted_by,
             policies,
         }
+    }
+
+    /// The declared waypoint every connection to workload address `ip` must go through.
+    pub fn waypoint_in_front_of(&self, ip: IpAddr) -> Option<&Waypoint> {
+        self.fronted_by
+            .get(&ip)
+            .and_then(|i| self.config.waypoints.get(*i))
     }
 
     /// The workload that owns `ip`.
@@ -95,9 +108,11 @@ impl Snapshot {
         ))
     }
 
-    /// The waypoint a service's traffic goes through: the service's
-    /// `ambit.dev/use-waypoint` label, or else its namespace's. A service label names
-    /// the waypoint even when the namespace names another one.
+    /// The name of the waypoint a service's traffic goes through: the service's
+    /// `ambit.dev/use-waypoint` label, or else its namespace's. A service label wins over
+    /// the namespace's; `none` on the service opts it out. Unlike
+    /// [`Config::waypoint_for_service`], the waypoint need not be declared under
+    /// `waypoints`: the label is what a waypoint checks to know it serves a service.
     pub fn waypoint_of<'a>(&'a self, s: &'a Service) -> Option<&'a str> {
         s.labels
             .get(USE_WAYPOINT_LABEL)
@@ -107,7 +122,7 @@ impl Snapshot {
                     .and_then(|n| n.labels.get(USE_WAYPOINT_LABEL))
             })
             .map(String::as_str)
-            .filter(|name| !name.is_empty())
+            .filter(|name| !name.is_empty() && *name != USE_WAYPOINT_NONE)
     }
 }
 
@@ -130,6 +145,41 @@ pub fn canonical(w: &Workload) -> (String, String) {
     ])
     .unwrap_or_else(|| "latest".to_string());
     (service, revision)
+}
+
+/// Which workloads sit behind a declared waypoint: those in a namespace labelled
+/// `ambit.dev/use-waypoint`, and the endpoints of services that use one. Waypoint pods
+/// themselves never do: they are the way in.
+fn fronted_workloads(config: &Config, endpoints: &[Vec<IpAddr>]) -> HashMap<IpAddr, usize> {
+    let index_of = |wp: &Waypoint| config.waypoints.iter().position(|w| std::ptr::eq(w, wp));
+    let is_waypoint_pod = |w: &Workload| w.labels.contains_key(WAYPOINT_NAME_LABEL);
+    let mut fronted = HashMap::new();
+    for w in config.workloads.iter().filter(|w| !is_waypoint_pod(w)) {
+        let label = config
+            .namespace(&w.namespace)
+            .and_then(|n| n.labels.get(USE_WAYPOINT_LABEL));
+        if let Some(i) = label
+            .and_then(|name| config.waypoint(&w.namespace, name))
+            .and_then(index_of)
+        {
+            for ip in &w.ips {
+                fronted.insert(*ip, i);
+            }
+        }
+    }
+    for (s, eps) in config.services.iter().zip(endpoints) {
+        if let Some(i) = config.waypoint_for_service(s).and_then(index_of) {
+            for ip in eps {
+                if config
+                    .workload_by_ip(*ip)
+                    .is_some_and(|w| !is_waypoint_pod(w))
+                {
+                    fronted.insert(*ip, i);
+                }
+            }
+        }
+    }
+    fronted
 }
 
 fn service_endpoints(config: &Config, s: &Service) -> Vec<IpAddr> {
@@ -189,7 +239,11 @@ namespaces:
   - name: shop
     labels: { ambit.dev/use-waypoint: shop-wp }
   - name: other
+waypoints:
+  - { name: shop-wp, namespace: shop }
+  - { name: special, namespace: shop }
 workloads:
+  - { name: wp-1, namespace: shop, serviceAccount: shop-wp, ips: [10.1.1.9], node: a, labels: { gateway.networking.k8s.io/gateway-name: shop-wp } }
   - { name: web-1, namespace: shop, ips: [10.1.1.2], node: a, labels: { app: web, version: v2 } }
   - { name: web-2, namespace: shop, ips: [10.1.1.3], node: a, labels: { app: web } }
   - { name: db, namespace: other, ips: [10.1.2.2], node: b }
@@ -210,6 +264,12 @@ services:
     vips: [10.96.0.12]
     ports: [{ port: 5432 }]
     selector: { app: db }
+  - name: opted-out
+    namespace: shop
+    vips: [10.96.0.13]
+    ports: [{ port: 80 }]
+    selector: { app: web }
+    labels: { ambit.dev/use-waypoint: none }
 "#;
 
     fn snapshot() -> Snapshot {
@@ -237,6 +297,24 @@ services:
         assert_eq!(s.waypoint_of(pinned), Some("special"));
         let (db, _) = s.service("other", "db").expect("db");
         assert_eq!(s.waypoint_of(db), None);
+        let (out, _) = s.service("shop", "opted-out").expect("opted-out");
+        assert_eq!(s.waypoint_of(out), None);
+    }
+
+    #[test]
+    fn workloads_behind_declared_waypoints() {
+        let s = snapshot();
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let name = |a: &str| s.waypoint_in_front_of(ip(a)).map(|w| w.name.as_str());
+        // The namespace's waypoint fronts its workloads...
+        assert_eq!(name("10.1.1.3"), Some("shop-wp"));
+        // ...and an endpoint of a service with its own waypoint is behind that one
+        // (services are indexed after namespaces).
+        assert_eq!(name("10.1.1.2"), Some("special"));
+        // The waypoint's own pod, other namespaces and bare endpoints are not fronted.
+        assert_eq!(name("10.1.1.9"), None);
+        assert_eq!(name("10.1.2.2"), None);
+        assert_eq!(name("10.9.9.9"), None);
     }
 
     #[test]

@@ -1,0 +1,230 @@
+//! Wiring: config → identity → routes → listener and upstream, plus metrics, readiness and
+//! the drain on shutdown. The only module that knows them all.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_shared::ca::CaPaths;
+use ambit_shared::certs::{self, Certificates};
+use ambit_shared::config::index::{self, Snapshot};
+use ambit_shared::config::watch;
+use ambit_shared::drain;
+use ambit_shared::hbone::{Pool, PoolConfig};
+use ambit_shared::identity::Identity;
+use anyhow::Context as _;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::admin::{self, Readiness};
+use crate::listener::{self, Context, ListenerConfig, Waypoint};
+use crate::metrics::Metrics;
+use crate::route::{GatewayRoutes, RouteTable};
+use crate::upstream::{Upstream, UpstreamConfig};
+
+/// Settings of `waypoint run`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Mesh config file.
+    pub config: PathBuf,
+    /// This waypoint's name (what `ambit.dev/use-waypoint` labels name).
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its service account, which its identity is derived from. `None`: the
+    /// `serviceAccount` of its entry under `waypoints` in the config, else its name.
+    pub service_account: Option<String>,
+    /// Local CA directory (file/dev mode).
+    pub ca_dir: PathBuf,
+    /// Certificate lifetime.
+    pub cert_ttl: Duration,
+    /// HBONE listener.
+    pub listen: SocketAddr,
+    /// Prometheus metrics listener.
+    pub metrics_addr: SocketAddr,
+    /// Readiness listener.
+    pub readiness_addr: SocketAddr,
+    /// How long open connections may take to finish on shutdown.
+    pub drain_grace: Duration,
+    /// Pool of HBONE connections to endpoints.
+    pub pool: PoolConfig,
+    /// Upstream tuning.
+    pub upstream: UpstreamConfig,
+    /// Listener tuning.
+    pub listener: ListenerConfig,
+}
+
+/// The route table for a config version: its Gateway API routes (services without routes
+/// get the default route to themselves).
+fn routes_for(snapshot: &Snapshot) -> Arc<dyn RouteTable> {
+    Arc::new(GatewayRoutes::new(&snapshot.config))
+}
+
+/// Keeps a route-table channel in step with the snapshot channel.
+fn spawn_routes(
+    mut snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+) -> tokio::sync::watch::Receiver<Arc<dyn RouteTable>> {
+    let first = routes_for(&snapshots.borrow_and_update());
+    let (tx, rx) = tokio::sync::watch::channel(first);
+    tokio::spawn(async move {
+        while snapshots.changed().await.is_ok() {
+            let table = routes_for(&snapshots.borrow_and_update());
+            tx.send_replace(table);
+        }
+    });
+    rx
+}
+
+/// A started waypoint: where it listens, and the handle that drains it.
+#[derive(Debug)]
+pub struct Running {
+    /// The HBONE listener's address.
+    pub hbone_addr: SocketAddr,
+    /// The metrics listener's address.
+    pub metrics_addr: SocketAddr,
+    /// The readiness listener's address.
+    pub readiness_addr: SocketAddr,
+    ready: Readiness,
+    trigger: drain::DrainTrigger,
+    grace: Duration,
+}
+
+impl Running {
+    /// Stops accepting, reports not-ready, and waits (up to the grace period) for open
+    /// connections to finish. Returns true if they all did.
+    pub async fn shutdown(self) -> bool {
+        self.ready.mark_draining();
+        self.trigger.drain(self.grace).await
+    }
+}
+
+/// Starts the waypoint on the current runtime: loads the config and the CA, issues the
+/// waypoint's certificate, binds every listener (port 0 picks a free one) and starts
+/// serving.
+pub async fn start(settings: Settings) -> anyhow::Result<Running> {
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+
+    let tx = watch::load_initial(&settings.config)?;
+    let config = tx.subscribe();
+    let trust_domain = config.borrow().trust_domain.clone();
+    let service_account = settings.service_account.clone().unwrap_or_else(|| {
+        config
+            .borrow()
+            .waypoint(&settings.namespace, &settings.name)
+            .map(|w| w.service_account().to_string())
+            .unwrap_or_else(|| settings.name.clone())
+    });
+    let identity = Identity::new(&trust_domain, &settings.namespace, &service_account)
+        .context("deriving the waypoint's identity")?;
+    if config.borrow().namespace(&settings.namespace).is_none() {
+        warn!(namespace = %settings.namespace, "the waypoint's namespace is not declared in the config");
+    }
+
+    let ca_paths = CaPaths::new(&settings.ca_dir);
+    let certificates = Certificates::load_local(&ca_paths, settings.cert_ttl, metrics.clone())?;
+    let cert = certificates
+        .certs
+        .get(&identity)
+        .context("issuing the waypoint's certificate")?;
+    Metrics::register_expiry(&mut registry, certificates.clone());
+    tokio::spawn(certs::watch_ca(
+        ca_paths,
+        certificates.clone(),
+        metrics.clone(),
+    ));
+    tokio::spawn(certs::warn_expiring(certificates.clone()));
+
+    let snapshot = index::spawn_index(config.clone());
+    let routes = spawn_routes(snapshot.clone());
+    let reload_metrics = metrics.clone();
+    tokio::spawn(watch::watch_file(settings.config.clone(), tx, move |o| {
+        reload_metrics.config_reload(o)
+    }));
+    tokio::spawn(warn_on_trust_domain_change(
+        config.clone(),
+        trust_domain.clone(),
+    ));
+
+    let admin_listeners = admin::Listeners::bind(settings.metrics_addr, settings.readiness_addr)?;
+    let (metrics_addr, readiness_addr) = admin_listeners.local_addrs()?;
+    let hbone = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("binding the HBONE listener on {}", settings.listen))?;
+    let hbone_addr = hbone
+        .local_addr()
+        .context("reading the HBONE listener's address")?;
+    let acceptor = listener::acceptor(cert.slot.clone(), &certificates.bundle, &trust_domain)
+        .context("building the TLS server configuration")?;
+    let upstream = Upstream::new(
+        settings.upstream.clone(),
+        Pool::new(settings.pool.clone()),
+        identity.clone(),
+        cert,
+        certificates.bundle.clone(),
+        &settings.name,
+    );
+    let ctx = Arc::new(Context {
+        waypoint: Waypoint {
+            name: settings.name.clone(),
+            namespace: settings.namespace.clone(),
+            identity: identity.clone(),
+        },
+        snapshot,
+        routes,
+        upstream,
+        metrics,
+        cfg: settings.listener.clone(),
+    });
+    let ready = Readiness::default();
+    admin::spawn(registry, ready.clone(), admin_listeners)?;
+
+    let (trigger, watcher) = drain::channel();
+    tokio::spawn(listener::serve(hbone, acceptor, ctx, watcher));
+    ready.mark_ready();
+    info!(name = %settings.name, namespace = %settings.namespace, identity = %identity,
+        listen = %hbone_addr, "waypoint ready");
+    Ok(Running {
+        hbone_addr,
+        metrics_addr,
+        readiness_addr,
+        ready,
+        trigger,
+        grace: settings.drain_grace,
+    })
+}
+
+/// Runs the waypoint until SIGTERM or SIGINT, then drains.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let grace = settings.drain_grace;
+    let running = start(settings).await?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: draining"),
+        _ = int.recv() => info!("SIGINT: draining"),
+    }
+    if running.shutdown().await {
+        info!("drained; exiting");
+    } else {
+        warn!(?grace, "drain grace period over; closing what is left");
+    }
+    Ok(())
+}
+
+/// The waypoint's identity comes from the trust domain at start; a change needs a restart.
+async fn warn_on_trust_domain_change(
+    mut config: tokio::sync::watch::Receiver<Arc<ambit_shared::config::Config>>,
+    at_start: String,
+) {
+    while config.changed().await.is_ok() {
+        let now = config.borrow_and_update().trust_domain.clone();
+        if now != at_start {
+            warn!(at_start = %at_start, now = %now,
+                "trust domain changed; restart the waypoint to take a certificate in the new one");
+        }
+    }
+}

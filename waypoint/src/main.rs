@@ -1,0 +1,160 @@
+//! `waypoint`: Ambit's per-namespace L7 proxy.
+//!
+//! It accepts HBONE on 15008 from source ztunnels, serves the HTTP/1.1, HTTP/2 and gRPC
+//! inside with Gateway API routing, retries and per-request load balancing, forwards other
+//! TCP at L4, and sends on over HBONE with its own identity. This file only parses the
+//! command line; [`ambit_waypoint::app`] does the wiring.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ambit_shared::hbone::PoolConfig;
+use ambit_waypoint::{app, listener, upstream};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "waypoint",
+    version,
+    about = "Ambit waypoint: per-namespace L7 proxy (HBONE in and out, HTTP routing, retries)"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "AMBIT_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the waypoint.
+    // The last occurrence of a flag wins, as wrappers that append overrides expect.
+    #[command(args_override_self = true)]
+    Run(Box<RunArgs>),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Mesh config file (YAML, the same as ztunnel's); re-read when it changes.
+    #[arg(long)]
+    config: PathBuf,
+    /// This waypoint's name, as `ambit.dev/use-waypoint` labels name it.
+    #[arg(long)]
+    name: String,
+    /// The namespace it serves (and runs in).
+    #[arg(long)]
+    namespace: String,
+    /// Its service account (the identity's `sa`). Default: the `serviceAccount` of its
+    /// entry under `waypoints` in the config, else the name.
+    #[arg(long)]
+    service_account: Option<String>,
+    /// Local CA directory (from `ztunnel ca init`).
+    #[arg(long)]
+    ca_dir: PathBuf,
+    /// Certificate lifetime, e.g. 24h; renewed at half-life.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    cert_ttl: Duration,
+    /// HBONE listener.
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    listen: SocketAddr,
+    /// Prometheus metrics (`/metrics`).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// On SIGTERM, how long open connections may take to finish.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    drain_grace: Duration,
+    /// Bound on connecting to an endpoint (TCP, TLS and HBONE).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// Request body bytes kept so a request can be retried; larger bodies are streamed
+    /// and not retried once sent.
+    #[arg(long, default_value_t = 64 * 1024)]
+    retry_buffer_bytes: usize,
+    /// Largest request head (HTTP/1) or header list (HTTP/2), in bytes.
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_header_bytes: usize,
+    /// Concurrent HTTP/2 streams per client connection.
+    #[arg(long, default_value_t = 1000)]
+    max_concurrent_streams: u32,
+    /// Wait this long for a client's first bytes before forwarding the tunnel as TCP.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    protocol_detect_timeout: Duration,
+    /// Close pooled connections to endpoints idle for this long.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pool_idle_timeout: Duration,
+    /// Streams per pooled HBONE connection to an endpoint's node.
+    #[arg(long, default_value_t = 100)]
+    pool_max_streams: usize,
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Json => registry
+            .with(fmt.json().flatten_event(false).with_current_span(false))
+            .init(),
+        LogFormat::Text => registry.with(fmt).init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let Command::Run(args) = cli.command;
+    let settings = app::Settings {
+        service_account: args.service_account,
+        config: args.config,
+        name: args.name,
+        namespace: args.namespace,
+        ca_dir: args.ca_dir,
+        cert_ttl: args.cert_ttl,
+        listen: args.listen,
+        metrics_addr: args.metrics_addr,
+        readiness_addr: args.readiness_addr,
+        drain_grace: args.drain_grace,
+        pool: PoolConfig {
+            max_streams_per_conn: args.pool_max_streams.max(1),
+            idle_timeout: args.pool_idle_timeout,
+            connect_timeout: args.connect_timeout,
+        },
+        upstream: upstream::UpstreamConfig {
+            connect_timeout: args.connect_timeout,
+            body_cap: args.retry_buffer_bytes,
+            clients: upstream::client::ClientConfig {
+                idle_timeout: args.pool_idle_timeout,
+                max_header_bytes: args.max_header_bytes,
+                ..Default::default()
+            },
+        },
+        listener: listener::ListenerConfig {
+            detect_timeout: args.protocol_detect_timeout,
+            max_header_bytes: args.max_header_bytes,
+            max_concurrent_streams: args.max_concurrent_streams.max(1),
+            ..Default::default()
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("waypoint")
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(app::run(settings))
+}
