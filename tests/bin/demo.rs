@@ -11,6 +11,8 @@
 //! ```text
 //!   node-a: shop/frontend, shop/cart          shop   is ambient (enrolled)
 //!   node-b: shop/payments, legacy/inventory   legacy is not
+//!   step 6 adds store/waypoint (node-a) and store/reviews-v1, -v2 (node-b);
+//!   store is ambient and uses the waypoint
 //! ```
 //!
 //! cart, payments and inventory serve HTTP on 8080 (`ambit-testapp http`);
@@ -24,6 +26,8 @@
 mod signals;
 #[path = "demo_ui.rs"]
 mod ui;
+#[path = "demo_waypoint.rs"]
+mod waypoint_step;
 #[path = "demo_wire.rs"]
 mod wire;
 
@@ -211,11 +215,12 @@ fn run_steps(ui: Ui, cluster: &Cluster, report: &mut Report) {
         report,
     };
     type Step<'a, 'c> = fn(&mut Demo<'a, 'c>) -> Result<()>;
-    let steps: [(&str, Step); 4] = [
+    let steps: [(&str, Step); 5] = [
         ("same-node traffic", Demo::same_node),
         ("cross-node traffic", Demo::across_nodes),
         ("traffic outside the mesh", Demo::outside_mesh),
         ("fail-closed capture", Demo::fail_closed),
+        ("L7 with a waypoint", Demo::waypoint),
     ];
     for (what, step) in steps {
         if signals::stopped() {
@@ -244,6 +249,8 @@ fn checkpoint() -> Result<()> {
 /// Everything running in the cluster. Dropped (processes killed) before the
 /// cluster itself is removed.
 struct Mesh {
+    /// Processes started by later steps (the waypoint and its backends).
+    extra: Vec<Proc>,
     cart_app: Proc,
     payments_app: Proc,
     inventory_app: Proc,
@@ -381,6 +388,7 @@ fn start(ui: Ui, cluster: &Cluster, report: &mut Report) -> Result<Mesh> {
         || "ztunnel on node-b enrolled legacy/inventory".into(),
     );
     Ok(Mesh {
+        extra: Vec::new(),
         cart_app,
         payments_app,
         inventory_app,
