@@ -580,10 +580,11 @@ pub async fn warn_expiring(certs: Certificates) {
         tick.tick().await;
         let now = OffsetDateTime::now_utc();
         let mut due = Vec::new();
+        // Against the configured lifetime: not_before is back-dated for clock skew.
+        let ttl = certs.certs.ttl.as_secs_f64();
         for (id, info, _) in certs.leaves() {
             let left = info.seconds_left(now);
-            let lifetime = (info.not_after - info.not_before).whole_seconds();
-            if (left as f64) < lifetime as f64 * LEAF_WARN_FRACTION {
+            if (left as f64) < ttl * LEAF_WARN_FRACTION {
                 due.push((CertKind::Leaf, id.to_string(), info));
             }
         }

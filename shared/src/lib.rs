@@ -13,11 +13,17 @@
 //! - [`certs`]: workload certificates renewed at half-life, and the local CA's files
 //!   watched for rotation.
 //! - [`drain`]: graceful shutdown (trigger and watchers).
+//! - [`balance`]: endpoint load counters, passive ejection and power-of-two-choices.
 //! - [`trace`]: W3C `traceparent`.
+//! - [`telemetry`]: Prometheus encoding and Istio label conventions shared by both proxies.
+//! - [`admin`]: the HTTP plumbing of the metrics, readiness and admin endpoints.
+//! - [`logging`]: stderr logging, text or JSON, with a run-time filter handle.
 //!
 //! Feature flags: `testing` exposes helpers for tests.
 #![deny(missing_docs)]
 
+pub mod admin;
+pub mod balance;
 pub mod ca;
 pub mod certs;
 pub mod config;
@@ -25,8 +31,10 @@ pub mod copy;
 pub mod drain;
 pub mod hbone;
 pub mod identity;
+pub mod logging;
 pub mod policy;
 pub mod route;
+pub mod telemetry;
 pub mod tls;
 pub mod trace;
 

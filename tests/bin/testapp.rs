@@ -8,6 +8,10 @@
 //!   header `x-peer: <client ip:port>`, so tests see which source address the
 //!   app observed. With `--fail-rate`, that fraction of requests (at random)
 //!   gets 503 and body `NAME unavailable\n` instead.
+//!   `--delay-ms N` waits N ms before each answer. The header `x-path` echoes the path
+//!   the server saw. Requests with `content-type: application/grpc` are answered as
+//!   gRPC (see [`grpc`]): `/ambit.test.Echo/Unary` answers one message, the server's
+//!   name; `/ambit.test.Echo/ServerStream` answers as many as the request message says.
 //! - `sink --listen ADDR`: reads to EOF, replies `<bytes> <sha256hex>\n`.
 //!
 //! Clients print one JSON object on stdout and bound every step with
@@ -21,6 +25,17 @@
 //!   Exit 1 if any failed.
 //! - `connect --to ADDR [--send STR]`: one attempt, classified as
 //!   ok/refused/reset/timeout/eof/unreachable/error. Always exit 0.
+//! - `http-load --to ADDR --requests N [--concurrency C] [--h2c] ...`: N requests,
+//!   counted per status and per body (`statuses`, `bodies`, `errors`, `connections`).
+//! - `grpc --to ADDR --calls N --method unary|stream [--stream-messages M]`: real gRPC
+//!   over h2c; counts per server name and per `grpc-status`.
+
+#[path = "testapp_frames.rs"]
+mod frames;
+#[path = "testapp_grpc.rs"]
+mod grpc;
+#[path = "testapp_load.rs"]
+mod load;
 
 use std::convert::Infallible;
 use std::io::ErrorKind;
@@ -30,7 +45,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::service::service_fn;
@@ -76,6 +90,57 @@ enum Cmd {
         /// Fraction of requests (0 to 1) answered with 503, at random.
         #[arg(long, default_value_t = 0.0)]
         fail_rate: f64,
+        /// Wait this long before answering each request.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// Many HTTP requests (HTTP/1.1 keep-alive or h2c), counted by status and body.
+    HttpLoad {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        requests: usize,
+        /// Requests in flight at once (HTTP/1.1: one keep-alive connection each; h2c:
+        /// streams on one connection).
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        #[arg(long)]
+        h2c: bool,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value = "example")]
+        host: String,
+        /// `name:value`, repeatable.
+        #[arg(long)]
+        header: Vec<String>,
+        /// Send a request body of this many bytes.
+        #[arg(long, default_value_t = 0)]
+        body_bytes: usize,
+        /// Pause between requests, per worker.
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
+    /// gRPC calls to `/ambit.test.Echo/Unary` or `/ambit.test.Echo/ServerStream`.
+    Grpc {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        calls: usize,
+        /// `unary` or `stream`.
+        #[arg(long, default_value = "unary")]
+        method: String,
+        #[arg(long, default_value_t = 3)]
+        stream_messages: u32,
+        #[arg(long, default_value_t = 10)]
+        concurrency: usize,
+        #[arg(long, default_value = "echo")]
+        host: String,
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
     },
     /// Reads to EOF, replies `<bytes> <sha256hex>`.
     Sink {
@@ -174,7 +239,55 @@ fn main() -> ExitCode {
                 listen,
                 name,
                 fail_rate,
-            } => serve_http(listen, name, fail_rate).await,
+                delay_ms,
+            } => serve_http(listen, name, fail_rate, delay_ms).await,
+            Cmd::HttpLoad {
+                to,
+                requests,
+                concurrency,
+                h2c,
+                method,
+                path,
+                host,
+                header,
+                body_bytes,
+                pause_ms,
+                timeout_secs,
+            } => {
+                let spec = load::Spec {
+                    to,
+                    requests,
+                    concurrency: concurrency.max(1),
+                    h2c,
+                    method,
+                    path,
+                    host,
+                    headers: header,
+                    body_bytes,
+                    pause: Duration::from_millis(pause_ms),
+                };
+                load::run(spec, secs(timeout_secs)).await
+            }
+            Cmd::Grpc {
+                to,
+                calls,
+                method,
+                stream_messages,
+                concurrency,
+                host,
+                timeout_secs,
+            } => {
+                grpc::client(
+                    &to,
+                    calls,
+                    &method,
+                    stream_messages,
+                    concurrency.max(1),
+                    &host,
+                    secs(timeout_secs),
+                )
+                .await
+            }
             Cmd::Sink { listen } => serve(listen, sink).await,
             Cmd::Send {
                 to,
@@ -281,7 +394,7 @@ async fn sink(mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.shutdown().await;
 }
 
-async fn serve_http(listen: SocketAddr, name: String, fail_rate: f64) -> ExitCode {
+async fn serve_http(listen: SocketAddr, name: String, fail_rate: f64, delay_ms: u64) -> ExitCode {
     let Some(listener) = bind(listen).await else {
         return ExitCode::from(2);
     };
@@ -304,12 +417,20 @@ async fn serve_http(listen: SocketAddr, name: String, fail_rate: f64) -> ExitCod
             }
         };
         let (body, unavailable, prng) = (body.clone(), unavailable.clone(), prng.clone());
+        let name = name.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |_req: Request<Incoming>| {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                if grpc::is_grpc(&req) {
+                    let name = name.clone();
+                    return Box::pin(
+                        async move { Ok::<_, Infallible>(grpc::serve(req, &name).await) },
+                    )
+                        as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>;
+                }
                 // next_u64 / 2^64 is uniform in [0, 1).
                 let roll = prng.lock().next_u64() as f64 / 18_446_744_073_709_551_616.0;
                 let fail = roll < fail_rate;
-                let mut resp = Response::new(Full::new(if fail {
+                let mut resp = Response::new(frames::Frames::full(if fail {
                     unavailable.clone()
                 } else {
                     body.clone()
@@ -323,7 +444,18 @@ async fn serve_http(listen: SocketAddr, name: String, fail_rate: f64) -> ExitCod
                 if let Ok(v) = HeaderValue::try_from(peer.to_string()) {
                     headers.insert(HeaderName::from_static("x-peer"), v);
                 }
-                async move { Ok::<_, Infallible>(resp) }
+                // Echo the path the server saw, so tests can check rewrites.
+                if let Ok(v) = HeaderValue::try_from(req.uri().path()) {
+                    headers.insert(HeaderName::from_static("x-path"), v);
+                }
+                Box::pin(async move {
+                    // Drain the request body so the client can finish sending.
+                    let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                    if delay_ms > 0 {
+                        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                    }
+                    Ok::<_, Infallible>(resp)
+                })
             });
             // HTTP/1.1, or HTTP/2 when the client opens with the h2 preface (h2c).
             if let Err(e) = auto::Builder::new(TokioExecutor::new())

@@ -594,3 +594,51 @@ fn service_vip_balances_across_endpoints_and_survives_a_dead_one() -> Result<()>
     })?;
     Ok(())
 }
+
+#[test]
+fn a_policy_typo_is_refused_and_the_previous_policy_stays_in_force() -> Result<()> {
+    harness::skip_or_fail!(Ok(()));
+    let m = mesh()?;
+    m.apply(
+        "authorizationPolicies",
+        "[{name: no-batch, namespace: shop, action: DENY, rules: [{from: [{namespaces: [jobs]}]}]}]",
+    )?;
+    ensure!(
+        !m.reaches(&m.batch, 8080)?,
+        "the DENY policy must apply before the typo"
+    );
+
+    // `acton` instead of `action`, and an ALLOW that would have let batch in.
+    let path = m.cluster.config_path();
+    let good = std::fs::read_to_string(&path)?;
+    let typo = good.replacen("action: DENY", "acton: ALLOW", 1);
+    ensure!(
+        typo != good,
+        "config has no `action: DENY` to break:\n{good}"
+    );
+    let cursor = m.zt_b.log_cursor();
+    std::fs::write(&path, &typo)?;
+    let refused = m.zt_b.wait_for_log_since(cursor, LONG, |v| {
+        message(v) == Some("invalid config refused; keeping the last good config")
+    })?;
+    assert_eq!(field_str(&refused, "file"), path.display().to_string());
+    assert_eq!(
+        field_str(&refused, "field"),
+        "authorizationPolicies[0].acton"
+    );
+    assert!(
+        field_str(&refused, "reason").contains("unknown field `acton`"),
+        "{refused}"
+    );
+
+    // Traffic keeps flowing under the previous policy: batch is still denied, frontend is not.
+    ensure!(
+        !m.reaches(&m.batch, 8080)?,
+        "the previous DENY policy was dropped"
+    );
+    ensure!(
+        m.reaches(&m.frontend, 8080)?,
+        "allowed traffic stopped after a bad config"
+    );
+    Ok(())
+}

@@ -11,6 +11,7 @@ packages=(
   curl openssl ca-certificates
   python3
   dnsutils                   # dig, for the DNS proxy scenarios
+  nghttp2-client             # h2load, an h2c client for the waypoint scenarios
 )
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -6,29 +6,15 @@
 //! | metrics | `0.0.0.0:15020` | `/metrics` (also `/stats/prometheus`): Prometheus text |
 //! | readiness | `0.0.0.0:15021` | `/healthz/ready`: 200 once serving, 503 before and while draining |
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Duration;
 
+use ambit_shared::admin::{self, Body};
 use anyhow::Context as _;
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tracing::{debug, info, warn};
-
-use crate::metrics;
-
-/// A client must send its request head within this time.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed accept so the loop cannot spin.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 // The default, 0, is "starting".
 const READY: u8 = 1;
@@ -65,16 +51,9 @@ pub struct Listeners {
 impl Listeners {
     /// Binds the metrics and readiness addresses.
     pub fn bind(metrics: SocketAddr, readiness: SocketAddr) -> anyhow::Result<Self> {
-        let bind = |addr: SocketAddr, what: &str| {
-            let l = std::net::TcpListener::bind(addr)
-                .with_context(|| format!("binding the {what} listener on {addr}"))?;
-            l.set_nonblocking(true)
-                .with_context(|| format!("making the {what} listener non-blocking"))?;
-            Ok::<_, anyhow::Error>(l)
-        };
         Ok(Listeners {
-            metrics: bind(metrics, "metrics")?,
-            readiness: bind(readiness, "readiness")?,
+            metrics: admin::bind(metrics, "metrics")?,
+            readiness: admin::bind(readiness, "readiness")?,
         })
     }
 
@@ -104,100 +83,33 @@ struct State {
 
 /// Serves the endpoints on a thread with its own runtime, for the life of the process.
 pub fn spawn(registry: Registry, ready: Readiness, listeners: Listeners) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("building the admin runtime")?;
     let state = Arc::new(State { registry, ready });
-    std::thread::Builder::new()
-        .name("admin".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let serve = |l: std::net::TcpListener, e| {
-                    let state = state.clone();
-                    async move {
-                        match TcpListener::from_std(l) {
-                            Ok(l) => serve(l, e, state).await,
-                            Err(err) => warn!(endpoint = ?e, error = %err, "cannot serve"),
-                        }
-                    }
-                };
-                tokio::join!(
-                    serve(listeners.metrics, Endpoint::Metrics),
-                    serve(listeners.readiness, Endpoint::Readiness),
-                );
-            })
-        })
-        .context("starting the admin thread")?;
+    let route = Arc::new(move |e: Endpoint, req: &Request<Incoming>| route(e, &state, req));
+    admin::spawn_thread(move || async move {
+        tokio::join!(
+            admin::serve(listeners.metrics, Endpoint::Metrics, route.clone()),
+            admin::serve(listeners.readiness, Endpoint::Readiness, route),
+        );
+    })?;
     Ok(())
 }
 
-async fn serve(listener: TcpListener, endpoint: Endpoint, state: Arc<State>) {
-    if let Ok(addr) = listener.local_addr() {
-        info!(endpoint = ?endpoint, %addr, "serving");
-    }
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(endpoint = ?endpoint, error = %e, "accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                continue;
-            }
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let resp = route(endpoint, &state, &req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "admin connection ended with an error");
-            }
-        });
-    }
-}
-
-fn route(endpoint: Endpoint, state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(endpoint: Endpoint, state: &State, req: &Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
     match (endpoint, req.method(), path) {
         (Endpoint::Metrics, &Method::GET, "/metrics" | "/stats/prometheus") => {
-            match metrics::encode(&state.registry) {
-                Ok(body) => respond(StatusCode::OK, metrics::CONTENT_TYPE, body),
-                Err(e) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("encoding metrics: {e}\n"),
-                ),
-            }
+            admin::metrics(&state.registry)
         }
         (Endpoint::Readiness, &Method::GET, "/healthz/ready") => match state.ready.state() {
-            READY => text(StatusCode::OK, "ready\n".into()),
-            DRAINING => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()),
-            _ => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into()),
+            READY => admin::text(StatusCode::OK, "ready\n".into()),
+            DRAINING => admin::text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()),
+            _ => admin::text(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into()),
         },
         (Endpoint::Metrics, _, "/metrics" | "/stats/prometheus")
-        | (Endpoint::Readiness, _, "/healthz/ready") => text(
+        | (Endpoint::Readiness, _, "/healthz/ready") => admin::text(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{} not allowed on {path}\n", req.method()),
         ),
-        _ => text(StatusCode::NOT_FOUND, format!("no {path} here\n")),
+        _ => admin::text(StatusCode::NOT_FOUND, format!("no {path} here\n")),
     }
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    respond(status, "text/plain; charset=utf-8", body)
-}
-
-fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
-    resp
 }

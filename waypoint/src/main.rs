@@ -13,8 +13,6 @@ use ambit_shared::hbone::PoolConfig;
 use ambit_waypoint::{app, listener, upstream};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -101,23 +99,10 @@ struct RunArgs {
     pool_max_streams: usize,
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        LogFormat::Json => registry
-            .with(fmt.json().flatten_event(false).with_current_span(false))
-            .init(),
-        LogFormat::Text => registry.with(fmt).init(),
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Logs to stderr, filtered by `RUST_LOG` (default `info`).
+    ambit_shared::logging::init(matches!(cli.log_format, LogFormat::Json));
     let Command::Run(args) = cli.command;
     let settings = app::Settings {
         service_account: args.service_account,

@@ -30,7 +30,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -38,10 +38,6 @@ use crate::route::Target;
 use crate::upstream::RetryObserver;
 use crate::upstream::retry::Failure;
 
-/// The cluster DNS domain used to name services in `destination_service`.
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
-/// The value of a label we have nothing for, as Istio writes it.
-pub const UNKNOWN: &str = "unknown";
 /// Istio's duration buckets, in milliseconds.
 const DURATION_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
@@ -50,15 +46,7 @@ const DURATION_BUCKETS: [f64; 19] = [
 /// Istio's size buckets, in bytes.
 const SIZE_BUCKETS: [f64; 9] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
 
-/// Encodes every metric in `registry` in the OpenMetrics text format Prometheus scrapes.
-pub fn encode(registry: &Registry) -> Result<String, fmt::Error> {
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, registry)?;
-    Ok(out)
-}
-
-/// The content type of [`encode`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+use ambit_shared::telemetry::{self, CLUSTER_DOMAIN, UNKNOWN, destination_principal, result};
 
 // === labels ===
 
@@ -248,14 +236,8 @@ impl Peers<'_> {
             l.destination_version = rev.clone();
             l.destination_canonical_revision = rev;
         }
-        match (self.endpoint_identity, workload) {
-            (Some(id), _) => l.destination_principal = id.to_string(),
-            (None, Some(w)) => {
-                if let Ok(id) = snap.config.identity_of(w) {
-                    l.destination_principal = id.to_string();
-                }
-            }
-            (None, None) => {}
+        if let Some(p) = destination_principal(snap, self.endpoint_identity, workload) {
+            l.destination_principal = p;
         }
         l
     }
@@ -314,12 +296,6 @@ struct CaReloadLabels {
 struct ExpiryLabels {
     kind: &'static str,
     identity: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    component: &'static str,
-    tag: &'static str,
 }
 
 /// Every metric the waypoint records.
@@ -401,14 +377,7 @@ impl Metrics {
             "The size of total bytes sent during response in case of a TCP connection",
             m.tcp_sent.clone(),
         );
-        let build: Family<BuildLabels, Gauge> = Family::default();
-        build
-            .get_or_create(&BuildLabels {
-                component: "waypoint",
-                tag: env!("CARGO_PKG_VERSION"),
-            })
-            .set(1);
-        istio.register("build", "Istio component build info", build);
+        telemetry::register_build(istio, "waypoint", env!("CARGO_PKG_VERSION"));
         let ambit = registry.sub_registry_with_prefix("ambit");
         ambit.register(
             "waypoint_retries",
@@ -498,10 +467,6 @@ impl Metrics {
     }
 }
 
-fn result(ok: bool) -> &'static str {
-    if ok { "success" } else { "failure" }
-}
-
 impl CertEvents for Metrics {
     fn renewal(&self, reason: RenewReason, ok: bool) {
         self.renewals
@@ -563,6 +528,7 @@ impl RetryObserver for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ambit_shared::telemetry::encode;
     use std::path::Path;
 
     const CONFIG: &str = r#"

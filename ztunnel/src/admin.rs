@@ -13,40 +13,27 @@
 //! `GET /logging` shows the log filter; `POST /logging?level=<filter>` replaces it (any
 //! `RUST_LOG` syntax, e.g. `debug` or `info,access=debug`).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
+use ambit_shared::admin::{self, Body, respond, text};
+use ambit_shared::certs::Certificates;
 use ambit_shared::config::Config;
 use ambit_shared::tls::CertInfo;
-use anyhow::Context;
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::info;
 use tracing_subscriber::EnvFilter;
 
-use crate::identity::Certificates;
-use crate::metrics::{self, Traffic};
+use crate::metrics::Traffic;
 
-/// A client must send its request headers within this time.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed accept so the loop cannot spin.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
-
-/// Replaces the log filter of the running process.
-pub type FilterHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+use ambit_shared::logging::FilterHandle;
 
 /// Whether the node tunnel is ready to serve: set once, after the first reconcile.
 #[derive(Debug, Clone, Default)]
@@ -98,17 +85,10 @@ impl Listeners {
         readiness: SocketAddr,
         admin: SocketAddr,
     ) -> anyhow::Result<Self> {
-        let bind = |addr: SocketAddr, what: &str| {
-            let l = std::net::TcpListener::bind(addr)
-                .with_context(|| format!("binding the {what} listener on {addr}"))?;
-            l.set_nonblocking(true)
-                .with_context(|| format!("making the {what} listener non-blocking"))?;
-            Ok::<_, anyhow::Error>(l)
-        };
         Ok(Listeners {
-            metrics: bind(metrics, "metrics")?,
-            readiness: bind(readiness, "readiness")?,
-            admin: bind(admin, "admin")?,
+            metrics: admin::bind(metrics, "metrics")?,
+            readiness: admin::bind(readiness, "readiness")?,
+            admin: admin::bind(admin, "admin")?,
         })
     }
 }
@@ -122,70 +102,25 @@ enum Endpoint {
 
 /// Serves the endpoints on a thread with its own runtime, for the life of the process.
 pub fn spawn(state: State, listeners: Listeners) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("building the admin runtime")?;
     let state = Arc::new(state);
-    std::thread::Builder::new()
-        .name("admin".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let serve = |l: std::net::TcpListener, e| {
-                    let state = state.clone();
-                    async move {
-                        match TcpListener::from_std(l) {
-                            Ok(l) => serve(l, e, state).await,
-                            Err(err) => warn!(endpoint = ?e, error = %err, "cannot serve"),
-                        }
-                    }
-                };
-                tokio::join!(
-                    serve(listeners.metrics, Endpoint::Metrics),
-                    serve(listeners.readiness, Endpoint::Readiness),
-                    serve(listeners.admin, Endpoint::Admin),
-                );
-            })
-        })
-        .context("starting the admin thread")?;
+    let route = Arc::new(move |e: Endpoint, req: &Request<Incoming>| {
+        let uri = req.uri();
+        route(
+            e,
+            &state,
+            req.method(),
+            uri.path(),
+            uri.query().unwrap_or_default(),
+        )
+    });
+    admin::spawn_thread(move || async move {
+        tokio::join!(
+            admin::serve(listeners.metrics, Endpoint::Metrics, route.clone()),
+            admin::serve(listeners.readiness, Endpoint::Readiness, route.clone()),
+            admin::serve(listeners.admin, Endpoint::Admin, route),
+        );
+    })?;
     Ok(())
-}
-
-async fn serve(listener: TcpListener, endpoint: Endpoint, state: Arc<State>) {
-    if let Ok(addr) = listener.local_addr() {
-        info!(endpoint = ?endpoint, %addr, "serving");
-    }
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(endpoint = ?endpoint, error = %e, "accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                continue;
-            }
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let uri = req.uri();
-                let resp = route(
-                    endpoint,
-                    &state,
-                    req.method(),
-                    uri.path(),
-                    uri.query().unwrap_or_default(),
-                );
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "admin connection ended with an error");
-            }
-        });
-    }
 }
 
 fn route(
@@ -194,13 +129,10 @@ fn route(
     method: &Method,
     path: &str,
     query: &str,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
     match (endpoint, method, path) {
         (Endpoint::Metrics | Endpoint::Admin, &Method::GET, "/metrics" | "/stats/prometheus") => {
-            match metrics::encode(&state.registry) {
-                Ok(text) => respond(StatusCode::OK, metrics::CONTENT_TYPE, text),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")),
-            }
+            admin::metrics(&state.registry)
         }
         (Endpoint::Readiness | Endpoint::Admin, &Method::GET, "/healthz/ready") => {
             if state.ready.is_ready() {
@@ -242,20 +174,6 @@ fn allowed(endpoint: Endpoint, path: &str) -> bool {
         Endpoint::Readiness => path == "/healthz/ready",
         Endpoint::Admin => true,
     }
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    respond(status, "text/plain; charset=utf-8", body)
-}
-
-fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
-    resp
 }
 
 fn current_filter(state: &State) -> String {
@@ -357,6 +275,8 @@ fn cert_json(info: &CertInfo, now: OffsetDateTime) -> Value {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use http_body_util::BodyExt as _;
 
@@ -400,8 +320,8 @@ mod tests {
         use ambit_shared::ca::{self, CaPaths, LocalCa};
         use ambit_shared::tls::{SharedBundle, TrustBundle};
 
-        use crate::identity::{CertManager, LocalIssuer};
         use crate::metrics::CertMetrics;
+        use ambit_shared::certs::{CertManager, LocalIssuer};
 
         let dir = tempfile::tempdir().expect("tempdir");
         let paths: CaPaths = ca::init(dir.path(), "cluster.local", false).expect("ca");
@@ -409,7 +329,7 @@ mod tests {
         let certs = CertManager::new(
             issuer.clone(),
             Duration::from_secs(3600),
-            CertMetrics::default(),
+            Arc::new(CertMetrics::default()),
         );
         let id = "spiffe://cluster.local/ns/shop/sa/web".parse().expect("id");
         certs.get(&id).expect("issue");

@@ -8,20 +8,22 @@ use std::time::Duration;
 
 use ambit_ebpf::{Capture, CaptureConfig};
 use ambit_shared::ca::{CaPaths, LocalCa};
+use ambit_shared::certs::{self, CertManager, Certificates, LocalIssuer};
+use ambit_shared::config::index::{self, Snapshot};
+use ambit_shared::config::watch;
 use ambit_shared::hbone::{Pool, PoolConfig};
+use ambit_shared::logging::FilterHandle;
 use ambit_shared::tls::{SharedBundle, TrustBundle};
 use anyhow::Context;
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
-use crate::admin::{self, FilterHandle, Readiness};
+use crate::admin::{self, Readiness};
 use crate::dns::{DnsProxy, DnsSettings};
 use crate::enroll::Enroller;
-use crate::identity::{self, CertManager, Certificates, LocalIssuer};
 use crate::metrics::{self, CertMetrics, ConfigReloads, Traffic};
 use crate::proxy::ProxyContext;
-use crate::state::{self, Snapshot};
 
 /// How often pods whose namespace was not found yet are looked for again.
 const PENDING_RETRY: Duration = Duration::from_secs(1);
@@ -68,7 +70,7 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
     let reloads = ConfigReloads::new(ambit);
     let cert_metrics = CertMetrics::new(ambit);
 
-    let tx = state::load_initial(&settings.config)?;
+    let tx = watch::load_initial(&settings.config)?;
     let mut rx = tx.subscribe();
     let trust_domain = rx.borrow().trust_domain.clone();
     let ca_paths = CaPaths::new(&settings.ca_dir);
@@ -78,7 +80,11 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
         TrustBundle::load(&ca_paths.bundle()).context("loading the trust bundle")?,
     );
     let issuer = Arc::new(LocalIssuer::new(ca));
-    let certs = CertManager::new(issuer.clone(), settings.cert_ttl, cert_metrics.clone());
+    let certs = CertManager::new(
+        issuer.clone(),
+        settings.cert_ttl,
+        Arc::new(cert_metrics.clone()),
+    );
     let certificates = Certificates {
         certs: certs.clone(),
         issuer,
@@ -98,7 +104,7 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
     .context("loading eBPF capture programs")?;
     let (snapshot_tx, snapshot) =
         tokio::sync::watch::channel(Arc::new(Snapshot::new(rx.borrow().clone())));
-    tokio::spawn(state::index(rx.clone(), snapshot_tx));
+    tokio::spawn(index::index(rx.clone(), snapshot_tx));
     let ctx = Arc::new(ProxyContext {
         snapshot,
         balancer: Default::default(),
@@ -120,12 +126,12 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
         },
         listeners,
     )?;
-    tokio::spawn(identity::watch_ca(
+    tokio::spawn(certs::watch_ca(
         ca_paths,
         certificates.clone(),
-        cert_metrics,
+        Arc::new(cert_metrics),
     ));
-    tokio::spawn(identity::warn_expiring(certificates));
+    tokio::spawn(certs::warn_expiring(certificates));
     let dns = DnsProxy::new(&settings.dns, rx.clone()).context("setting up the DNS proxy")?;
     let mut enroller = Enroller::new(
         settings.node.clone(),
@@ -136,7 +142,11 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
         Arc::new(dns),
     );
 
-    tokio::spawn(state::watch_file(settings.config.clone(), tx, reloads));
+    tokio::spawn(watch::watch_file(
+        settings.config.clone(),
+        tx,
+        move |outcome| reloads.record(outcome),
+    ));
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 

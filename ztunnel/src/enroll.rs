@@ -20,8 +20,8 @@ use tracing::{info, warn};
 
 use crate::capture::{self, Netns, PodListeners};
 use crate::dns::DnsProxy;
-use crate::identity::CertManager;
 use crate::proxy::{self, Pod, ProxyContext};
+use ambit_shared::certs::CertManager;
 
 /// A pod this ztunnel serves.
 struct RunningPod {

@@ -9,18 +9,14 @@ use ambit_shared::hbone::PoolConfig;
 use ambit_shared::tls::CertInfo;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
 
 mod admin;
 mod app;
 mod capture;
 mod dns;
 mod enroll;
-mod identity;
 mod metrics;
 mod proxy;
-mod state;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -192,23 +188,6 @@ enum CaCommand {
     },
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`); returns the handle that
-/// changes the filter at run time.
-fn init_logging(format: LogFormat) -> admin::FilterHandle {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        LogFormat::Json => registry
-            .with(fmt.json().flatten_event(false).with_current_span(false))
-            .init(),
-        LogFormat::Text => registry.with(fmt).init(),
-    }
-    handle
-}
-
 fn print_cert(what: &str, c: &CertInfo, now: time::OffsetDateTime) {
     let left = c.seconds_left(now);
     println!(
@@ -225,7 +204,8 @@ fn print_cert(what: &str, c: &CertInfo, now: time::OffsetDateTime) {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let log = init_logging(cli.log_format);
+    // Logs to stderr, filtered by `RUST_LOG` (default `info`); `log` changes the filter.
+    let log = ambit_shared::logging::init(matches!(cli.log_format, LogFormat::Json));
     match cli.command {
         Command::Ca(CaCommand::Init {
             dir,

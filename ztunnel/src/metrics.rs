@@ -21,51 +21,25 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ambit_shared::certs::{CaFile, CertEvents, CertKind, Certificates, Expiry, RenewReason};
+use ambit_shared::config::index::{Snapshot, canonical};
+use ambit_shared::config::watch::ReloadOutcome;
 use ambit_shared::config::{Service, Workload};
 use ambit_shared::copy::Counters;
 use ambit_shared::identity::Identity;
+use ambit_shared::telemetry::{self, CLUSTER_DOMAIN, UNKNOWN, destination_principal};
 use parking_lot::Mutex;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
-
-use crate::state::Snapshot;
-
-/// Istio's default cluster DNS domain, used to name services in `destination_service`.
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
-/// The value of a label we have nothing for, as Istio writes it.
-const UNKNOWN: &str = "unknown";
-
-/// Encodes every metric in `registry` in the OpenMetrics text format Prometheus scrapes.
-pub fn encode(registry: &Registry) -> Result<String, fmt::Error> {
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, registry)?;
-    Ok(out)
-}
-
-/// The content type of [`encode`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Registers `istio_build{component="ztunnel", tag=<version>} 1`, as Istio does.
 pub fn register_build(registry: &mut Registry) {
-    let build: Family<BuildLabels, Gauge> = Family::default();
-    build
-        .get_or_create(&BuildLabels {
-            component: "ztunnel",
-            tag: env!("CARGO_PKG_VERSION"),
-        })
-        .set(1);
-    registry.register("build", "Istio component build info", build);
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    component: &'static str,
-    tag: &'static str,
+    telemetry::register_build(registry, "ztunnel", env!("CARGO_PKG_VERSION"));
 }
 
 // === traffic ===
@@ -212,14 +186,8 @@ impl TrafficLabels {
             l.destination_version = revision.clone();
             l.destination_canonical_revision = revision;
         }
-        match (f.dst_identity, dst_workload) {
-            (Some(id), _) => l.destination_principal = id.to_string(),
-            (None, Some(w)) => {
-                if let Ok(id) = snap.config.identity_of(w) {
-                    l.destination_principal = id.to_string();
-                }
-            }
-            (None, None) => {}
+        if let Some(p) = destination_principal(snap, f.dst_identity, dst_workload) {
+            l.destination_principal = p;
         }
         let service = match snap.service_by_vip(f.dst.ip()) {
             Some((s, _)) => Some(s),
@@ -239,24 +207,6 @@ impl TrafficLabels {
             ..self.clone()
         }
     }
-}
-
-/// Istio's canonical service and revision of a workload, from its labels.
-fn canonical(w: &Workload) -> (String, String) {
-    let label = |keys: &[&str]| keys.iter().find_map(|k| w.labels.get(*k)).cloned();
-    let service = label(&[
-        "service.istio.io/canonical-name",
-        "app.kubernetes.io/name",
-        "app",
-    ])
-    .unwrap_or_else(|| w.name.clone());
-    let revision = label(&[
-        "service.istio.io/canonical-revision",
-        "app.kubernetes.io/version",
-        "version",
-    ])
-    .unwrap_or_else(|| "latest".to_string());
-    (service, revision)
 }
 
 /// The service a connection straight to a workload was most likely meant for: one that
@@ -479,66 +429,28 @@ impl ConfigReloads {
             .get_or_create(&ResultLabels { result: "failure" })
             .inc();
     }
+
+    /// Counts a change as [`ConfigReloads::success`] or [`ConfigReloads::failure`].
+    pub fn record(&self, outcome: ReloadOutcome) {
+        match outcome {
+            ReloadOutcome::Applied => self.success(),
+            ReloadOutcome::Refused => self.failure(),
+        }
+    }
 }
 
 // === certificates ===
-
-/// Which certificate of the chain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum CertKind {
-    /// A workload certificate.
-    Leaf,
-    /// The intermediate that signs workload certificates.
-    Issuer,
-    /// A trust anchor in the bundle.
-    Root,
-}
-
-impl CertKind {
-    /// `leaf`, `issuer` or `root`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CertKind::Leaf => "leaf",
-            CertKind::Issuer => "issuer",
-            CertKind::Root => "root",
-        }
-    }
-}
-
-/// Why a workload certificate was renewed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RenewReason {
-    /// Half its lifetime had passed.
-    HalfLife,
-    /// The CA switched to a new issuer.
-    IssuerChanged,
-}
-
-impl RenewReason {
-    /// `half_life` or `issuer_changed`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RenewReason::HalfLife => "half_life",
-            RenewReason::IssuerChanged => "issuer_changed",
-        }
-    }
-}
-
-/// One certificate's time left, for [`register_expiry`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Expiry {
-    /// Which certificate.
-    pub kind: CertKind,
-    /// The SPIFFE identity of a leaf; the common name of an issuer or root.
-    pub identity: String,
-    /// Seconds until it expires (negative once expired).
-    pub seconds_left: i64,
-}
 
 /// Anything that can list the certificates in use, asked at each scrape.
 pub trait ExpirySource: fmt::Debug + Send + Sync + 'static {
     /// Every leaf, the issuer and every root, with their time left now.
     fn expiries(&self) -> Vec<Expiry>;
+}
+
+impl ExpirySource for Certificates {
+    fn expiries(&self) -> Vec<Expiry> {
+        Certificates::expiries(self)
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -582,9 +494,10 @@ impl CertMetrics {
         );
         m
     }
+}
 
-    /// Counts a renewal attempt.
-    pub fn renewal(&self, reason: RenewReason, ok: bool) {
+impl CertEvents for CertMetrics {
+    fn renewal(&self, reason: RenewReason, ok: bool) {
         let result = if ok { "success" } else { "failure" };
         self.renewals
             .get_or_create(&RenewalLabels {
@@ -594,11 +507,13 @@ impl CertMetrics {
             .inc();
     }
 
-    /// Counts a reload of `file` (`bundle` or `issuer`).
-    pub fn ca_reload(&self, file: &'static str, ok: bool) {
+    fn ca_reload(&self, file: CaFile, ok: bool) {
         let result = if ok { "success" } else { "failure" };
         self.ca_reloads
-            .get_or_create(&CaReloadLabels { file, result })
+            .get_or_create(&CaReloadLabels {
+                file: file.as_str(),
+                result,
+            })
             .inc();
     }
 }

@@ -11,67 +11,43 @@
 //! any healthy one; if every endpoint is ejected, all are candidates again, since refusing
 //! outright helps no one.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use ambit_shared::balance::{EndpointState, Endpoints, p2c};
 
-/// First ejection; doubles per consecutive failure.
-const BASE_EJECTION: Duration = Duration::from_secs(5);
-/// Longest ejection.
-const MAX_EJECTION: Duration = Duration::from_secs(60);
+/// Counts one request against an endpoint while it lives (until its response ends).
+pub use ambit_shared::balance::Load as InFlight;
+
 /// Endpoint states kept before idle ones are forgotten.
 const MAX_TRACKED: usize = 4096;
 
 /// Load and health of every endpoint this waypoint sends to.
-#[derive(Debug, Default)]
-pub struct Balancer {
-    endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
-}
-
-#[derive(Debug, Default)]
-struct EndpointState {
-    in_flight: AtomicUsize,
-    consecutive_failures: AtomicU32,
-    ejected_until: Mutex<Option<Instant>>,
-}
-
-impl EndpointState {
-    fn healthy(&self, now: Instant) -> bool {
-        self.ejected_until.lock().is_none_or(|until| until <= now)
-    }
-}
-
-/// Counts one request against an endpoint while it lives (until its response ends).
 #[derive(Debug)]
-pub struct InFlight(Arc<EndpointState>);
+pub struct Balancer {
+    endpoints: Endpoints<SocketAddr>,
+}
 
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+impl Default for Balancer {
+    fn default() -> Self {
+        Balancer {
+            endpoints: Endpoints::with_limit(MAX_TRACKED),
+        }
     }
 }
 
 impl Balancer {
-    fn state(&self, addr: SocketAddr) -> Arc<EndpointState> {
-        let mut map = self.endpoints.lock();
-        if map.len() >= MAX_TRACKED && !map.contains_key(&addr) {
-            let now = Instant::now();
-            map.retain(|_, s| Arc::strong_count(s) > 1 || !s.healthy(now));
-        }
-        map.entry(addr).or_default().clone()
-    }
-
     /// Picks one of `candidates` (by index), preferring healthy endpoints not in `tried`.
     pub fn pick(&self, candidates: &[SocketAddr], tried: &[SocketAddr]) -> Option<usize> {
         if candidates.is_empty() {
             return None;
         }
         let now = Instant::now();
-        let states: Vec<Arc<EndpointState>> = candidates.iter().map(|a| self.state(*a)).collect();
+        let states: Vec<Arc<EndpointState>> = candidates
+            .iter()
+            .map(|a| self.endpoints.state(*a))
+            .collect();
         let healthy = |i: &usize| states[*i].healthy(now);
         let untried = |i: &usize| !tried.contains(&candidates[*i]);
         let all: Vec<usize> = (0..candidates.len()).collect();
@@ -85,49 +61,27 @@ impl Balancer {
             all.iter().copied().filter(untried).collect(),
         ];
         let pool = tiers.into_iter().find(|t| !t.is_empty()).unwrap_or(all);
-        let load = |i: usize| states[i].in_flight.load(Ordering::Acquire);
-        Some(match pool.len() {
-            0 => return None,
-            1 => pool[0],
-            n => {
-                let a = fastrand::usize(..n);
-                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-                let (a, b) = (pool[a], pool[b]);
-                if load(b) < load(a) { b } else { a }
-            }
-        })
+        p2c(&pool, |i| states[i].load())
     }
 
     /// Counts a request to `addr` until the guard drops.
     pub fn start(&self, addr: SocketAddr) -> InFlight {
-        let s = self.state(addr);
-        s.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(s)
+        self.endpoints.start(addr)
     }
 
     /// Records a failed connect: ejects the endpoint for a while. Returns for how long.
     pub fn connect_failed(&self, addr: SocketAddr) -> Duration {
-        let s = self.state(addr);
-        let n = s
-            .consecutive_failures
-            .fetch_add(1, Ordering::AcqRel)
-            .min(16);
-        let ejection = BASE_EJECTION.saturating_mul(1 << n).min(MAX_EJECTION);
-        *s.ejected_until.lock() = Some(Instant::now() + ejection);
-        ejection
+        self.endpoints.failed(addr)
     }
 
     /// Records a successful connect: the endpoint is healthy again.
     pub fn connected(&self, addr: SocketAddr) {
-        let s = self.state(addr);
-        if s.consecutive_failures.swap(0, Ordering::AcqRel) > 0 {
-            *s.ejected_until.lock() = None;
-        }
+        self.endpoints.succeeded(addr)
     }
 
     /// Requests in flight to `addr` (tests and admin).
     pub fn in_flight(&self, addr: SocketAddr) -> usize {
-        self.state(addr).in_flight.load(Ordering::Acquire)
+        self.endpoints.state(addr).load()
     }
 }
 

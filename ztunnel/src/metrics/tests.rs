@@ -1,6 +1,8 @@
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
+use ambit_shared::telemetry::encode;
+
 use super::*;
 
 const CONFIG: &str = r#"
@@ -230,7 +232,7 @@ fn reload_counters_and_expiry_gauges_are_encoded() {
     reloads.success();
     reloads.success();
     certs.renewal(RenewReason::IssuerChanged, true);
-    certs.ca_reload("bundle", false);
+    certs.ca_reload(CaFile::Bundle, false);
     let text = encode(&registry).expect("encode");
     let get = |name: &str, labels: &[(&str, &str)]| sample(&text, name, labels);
     assert_eq!(

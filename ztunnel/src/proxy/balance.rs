@@ -5,111 +5,60 @@
 //! failure) and skipped by new picks; if every endpoint is ejected, all are candidates
 //! again, since refusing outright helps no one.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use ambit_shared::balance::{EndpointState, Endpoints, p2c};
 
-/// First ejection; doubles per consecutive failure.
-const BASE_EJECTION: Duration = Duration::from_secs(5);
-/// Longest ejection.
-const MAX_EJECTION: Duration = Duration::from_secs(60);
+/// Counts one connection against an endpoint while it lives.
+pub use ambit_shared::balance::Load as Lease;
 
 /// Load and health of every endpoint this node has connected to.
 #[derive(Debug, Default)]
 pub struct Balancer {
-    endpoints: Mutex<HashMap<IpAddr, Arc<EndpointState>>>,
-}
-
-#[derive(Debug, Default)]
-struct EndpointState {
-    active: AtomicUsize,
-    consecutive_failures: AtomicU32,
-    ejected_until: Mutex<Option<Instant>>,
-}
-
-/// Counts one connection against an endpoint while it lives.
-#[derive(Debug)]
-pub struct Lease(Arc<EndpointState>);
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
-    }
+    endpoints: Endpoints<IpAddr>,
 }
 
 impl Balancer {
-    fn state(&self, ip: IpAddr) -> Arc<EndpointState> {
-        self.endpoints.lock().entry(ip).or_default().clone()
-    }
-
     /// Picks an endpoint among `candidates`, skipping `tried`.
     pub fn pick(&self, candidates: &[IpAddr], tried: &[IpAddr]) -> Option<IpAddr> {
         let now = Instant::now();
         let open: Vec<(IpAddr, Arc<EndpointState>)> = candidates
             .iter()
             .filter(|ip| !tried.contains(ip))
-            .map(|ip| (*ip, self.state(*ip)))
+            .map(|ip| (*ip, self.endpoints.state(*ip)))
             .collect();
-        let healthy: Vec<&(IpAddr, Arc<EndpointState>)> = open
-            .iter()
-            .filter(|(_, s)| s.ejected_until.lock().is_none_or(|until| until <= now))
-            .collect();
+        let healthy: Vec<&(IpAddr, Arc<EndpointState>)> =
+            open.iter().filter(|(_, s)| s.healthy(now)).collect();
         let pool: Vec<&(IpAddr, Arc<EndpointState>)> = if healthy.is_empty() {
             open.iter().collect()
         } else {
             healthy
         };
-        match pool.len() {
-            0 => None,
-            1 => Some(pool[0].0),
-            n => {
-                let a = fastrand::usize(..n);
-                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-                let (ea, eb) = (pool[a], pool[b]);
-                let pick =
-                    if eb.1.active.load(Ordering::Acquire) < ea.1.active.load(Ordering::Acquire) {
-                        eb
-                    } else {
-                        ea
-                    };
-                Some(pick.0)
-            }
-        }
+        p2c(&pool, |e| e.1.load()).map(|e| e.0)
     }
 
     /// Counts a connection to `ip` until the lease is dropped.
     pub fn lease(&self, ip: IpAddr) -> Lease {
-        let s = self.state(ip);
-        s.active.fetch_add(1, Ordering::AcqRel);
-        Lease(s)
+        self.endpoints.start(ip)
     }
 
     /// Records a failed connect: ejects the endpoint for a while.
     pub fn failed(&self, ip: IpAddr) -> Duration {
-        let s = self.state(ip);
-        let n = s
-            .consecutive_failures
-            .fetch_add(1, Ordering::AcqRel)
-            .min(16);
-        let ejection = BASE_EJECTION.saturating_mul(1 << n).min(MAX_EJECTION);
-        *s.ejected_until.lock() = Some(Instant::now() + ejection);
-        ejection
+        self.endpoints.failed(ip)
     }
 
     /// Records a successful connect: the endpoint is healthy again.
     pub fn succeeded(&self, ip: IpAddr) {
-        let s = self.state(ip);
-        s.consecutive_failures.store(0, Ordering::Release);
-        *s.ejected_until.lock() = None;
+        self.endpoints.succeeded(ip)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     #[test]

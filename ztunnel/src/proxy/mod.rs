@@ -10,7 +10,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ambit_shared::certs::IdentityCert;
 use ambit_shared::config::PeerAuthMode;
+use ambit_shared::config::index::Snapshot;
 use ambit_shared::copy::Counters;
 use ambit_shared::hbone::Pool;
 use ambit_shared::identity::Identity;
@@ -19,14 +21,12 @@ use ambit_shared::ports;
 use ambit_shared::tls::SharedBundle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::capture::Netns;
-use crate::identity::IdentityCert;
 use crate::metrics::{
     ConnectionFacts, ConnectionMeter, Reporter, ResponseFlags, Traffic, TrafficLabels,
 };
-use crate::state::Snapshot;
 
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop cannot spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -92,6 +92,12 @@ pub async fn accept_loop<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // Small records (a request, a response, a TLS record) must leave at once:
+                // with Nagle on, each waits for the peer's ACK of the previous one, which
+                // costs about a millisecond per exchange on pooled tunnels.
+                if let Err(e) = stream.set_nodelay(true) {
+                    debug!(listener = what, error = %e, "TCP_NODELAY not set");
+                }
                 tokio::spawn(handle(stream, peer));
             }
             Err(e) => {
@@ -117,7 +123,10 @@ pub fn decide(
     };
     // A workload behind a waypoint is reached only through it: anything else is a bypass.
     if let Some(wp) = snap.waypoint_in_front_of(dst.ip()) {
-        let expected = snap.config.waypoint_identity(wp).map_err(|e| e.to_string())?;
+        let expected = snap
+            .config
+            .waypoint_identity(wp)
+            .map_err(|e| e.to_string())?;
         if src_identity != Some(&expected) {
             return Err(format!(
                 "{} is behind waypoint {}/{}: only {expected} may connect (bypass refused)",

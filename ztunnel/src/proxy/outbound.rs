@@ -6,11 +6,13 @@ use std::sync::Arc;
 
 use std::net::IpAddr;
 
+use ambit_shared::config::index::Snapshot;
 use ambit_shared::config::{Protocol, Service, Waypoint};
 use ambit_shared::copy;
 use ambit_shared::hbone::{self, H2Stream, PoolKey};
 use ambit_shared::ports;
 use ambit_shared::tls;
+use ambit_shared::trace::TraceParent;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -20,7 +22,6 @@ use tracing::{Instrument, debug, info_span, warn};
 use super::balance::Lease;
 use super::{AccessLog, Pod, ProxyContext};
 use crate::capture::connect_in;
-use crate::state::Snapshot;
 
 /// Handles one captured connection from `pod`.
 pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
@@ -53,7 +54,9 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
                     log.service(format!("{}/{}", svc.namespace, svc.name));
                     via_waypoint(peer, dst, wp, &snapshot, &pod, &ctx, &mut log).await
                 }
-                None => to_service(peer, dst, svc, endpoints, &snapshot, &pod, &ctx, &mut log).await,
+                None => {
+                    to_service(peer, dst, svc, endpoints, &snapshot, &pod, &ctx, &mut log).await
+                }
             },
             None => match snapshot.waypoint_in_front_of(dst.ip()) {
                 Some(wp) => via_waypoint(peer, dst, wp, &snapshot, &pod, &ctx, &mut log).await,
@@ -182,11 +185,19 @@ async fn via_waypoint(
     log: &mut AccessLog,
 ) -> Result<(Box<dyn Io>, Option<Lease>), String> {
     let name = format!("{}/{}", wp.namespace, wp.name);
-    let identity = snapshot.config.waypoint_identity(wp).map_err(|e| e.to_string())?;
+    let identity = snapshot
+        .config
+        .waypoint_identity(wp)
+        .map_err(|e| e.to_string())?;
     let replicas: Vec<(IpAddr, String)> = snapshot
         .config
         .waypoint_workloads(wp)
-        .flat_map(|w| w.ips.iter().filter(|ip| ip.is_ipv4()).map(move |ip| (*ip, format!("{}/{}", w.namespace, w.name))))
+        .flat_map(|w| {
+            w.ips
+                .iter()
+                .filter(|ip| ip.is_ipv4())
+                .map(move |ip| (*ip, format!("{}/{}", w.namespace, w.name)))
+        })
         .collect();
     if replicas.is_empty() {
         return Err(format!("waypoint {name} has no replicas"));
@@ -195,10 +206,15 @@ async fn via_waypoint(
     let mut tried = Vec::new();
     let mut last_error = String::new();
     while tried.len() < MAX_SERVICE_ATTEMPTS {
-        let Some(ip) = ctx.balancer.pick(&ips, &tried) else { break };
+        let Some(ip) = ctx.balancer.pick(&ips, &tried) else {
+            break;
+        };
         tried.push(ip);
         let hbone_addr = SocketAddr::new(ip, ports::HBONE);
-        let replica = replicas.iter().find(|(r, _)| *r == ip).map(|(_, n)| n.clone());
+        let replica = replicas
+            .iter()
+            .find(|(r, _)| *r == ip)
+            .map(|(_, n)| n.clone());
         log.destination(Some(identity.clone()), replica, Some(hbone_addr));
         match open_tunnel(peer, dst, hbone_addr, identity.clone(), pod, ctx).await {
             Ok(tunnel) => {
@@ -212,7 +228,10 @@ async fn via_waypoint(
             }
         }
     }
-    Err(format!("waypoint {name}: {} replica(s) failed, last {last_error}", tried.len()))
+    Err(format!(
+        "waypoint {name}: {} replica(s) failed, last {last_error}",
+        tried.len()
+    ))
 }
 
 /// Fails a connection we could not serve: the app gets a reset, as it would from a host
@@ -241,7 +260,12 @@ async fn open_tunnel(
         "k8s.namespace.name={},k8s.pod.name={}",
         pod.namespace, pod.name
     );
-    let request = hbone::connect_request(dst, peer, Some(&baggage), &traceparent());
+    let request = hbone::connect_request(
+        dst,
+        peer,
+        Some(&baggage),
+        &TraceParent::generate().to_string(),
+    );
     let dial_pod = pod.clone();
     let bundle = ctx.bundle.clone();
     let dial = move || async move {
@@ -267,20 +291,4 @@ async fn open_tunnel(
 /// A peer closing abruptly after the exchange is how many apps end connections.
 pub(crate) fn ignore_close(e: std::io::Error) -> std::io::Result<()> {
     if copy::is_closed(&e) { Ok(()) } else { Err(e) }
-}
-
-/// A fresh W3C `traceparent` (version 00, random trace and span ids, sampled).
-fn traceparent() -> String {
-    let mut bytes = [0u8; 24];
-    if tls::provider().secure_random.fill(&mut bytes).is_err() {
-        // Tracing ids need uniqueness, not secrecy; fall back to the clock.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(1);
-        bytes[..16].copy_from_slice(&nanos.to_be_bytes());
-        bytes[16..].copy_from_slice(&(nanos as u64).to_le_bytes());
-    }
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("00-{}-{}-01", &hex[..32], &hex[32..])
 }
