@@ -384,7 +384,10 @@ exec sleep 60
     zt.wait_for_log(T, |v| harness::ztunnel::message(v) == Some("config loaded"))?;
     harness::wait_until(T, || zt.access_logs().len() == 1)?;
     assert_eq!(zt.access_logs()[0]["fields"]["direction"], "outbound");
-    assert!(zt.output().iter().any(|l| l.text == "not json, on stderr"));
+    // stdout and stderr are read by separate threads: the stderr line may land later.
+    harness::wait_until(T, || {
+        zt.output().iter().any(|l| l.text == "not json, on stderr")
+    })?;
 
     // A timeout reports the tail of the log.
     let err = zt
