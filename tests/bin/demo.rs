@@ -38,7 +38,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use harness::ztunnel::{field, message};
+use harness::ztunnel::{field, field_str, message};
 use harness::{Cluster, Node, Pod, PodSpec, Proc, Ztunnel, ZtunnelOpts};
 use serde_json::Value;
 use ui::{Report, Ui, bytes, elapsed};
@@ -1139,10 +1139,6 @@ fn retry<T>(timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn field_str<'a>(v: &'a Value, key: &str) -> &'a str {
-    field(v, key).and_then(Value::as_str).unwrap_or_default()
 }
 
 /// Waits for the access-log record of a connection from `src` to `dst`

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use harness::config::{DATAPLANE_MODE, NONE, USE_WAYPOINT};
-use harness::ztunnel::{field, message};
+use harness::ztunnel::{field, field_str, message};
 use harness::{Pod, PodSpec, Proc};
 use serde_json::Value;
 
-use super::{Demo, HTTP_PORT, SHORT, TRUST_DOMAIN, checkpoint, field_str};
+use super::{Demo, HTTP_PORT, SHORT, TRUST_DOMAIN, checkpoint};
 
 /// Requests for the split; with p = 0.1 the two-sided 99.9 % binomial bound for the canary
 /// is 20 ± 14.

@@ -569,6 +569,34 @@ impl Cluster {
         Ok(dir)
     }
 
+    /// Issues a workload certificate for `identity` from the cluster CA (`ztunnel ca
+    /// issue`, valid 1 h) and returns the paths of (chain, key).
+    pub fn issue_cert(&self, identity: &str) -> Result<(PathBuf, PathBuf)> {
+        let name: String = identity
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let out = self.dir().join("certs").join(name);
+        let (ca, dir) = (
+            self.ca_dir().display().to_string(),
+            out.display().to_string(),
+        );
+        crate::ztunnel::cli(&[
+            "ca",
+            "issue",
+            "--dir",
+            &ca,
+            "--identity",
+            identity,
+            "--out",
+            &dir,
+            "--ttl",
+            "1h",
+        ])
+        .context("ztunnel ca issue")?;
+        Ok((out.join("cert.pem"), out.join("key.pem")))
+    }
+
     /// Starts capturing on the cluster bridge `br0`, which carries all
     /// node-to-node traffic (but not traffic between pods on one node; use
     /// [`Node::capture`] on `cbr0` for that).

@@ -339,6 +339,8 @@ pub fn message(v: &Value) -> Option<&str> {
 /// A field of a log record: looked up in `fields` (where tracing puts
 /// event fields such as `src.addr`), then in the enclosing spans (`span`, or
 /// the `spans` list from the innermost out), then at the top level.
+///
+/// See also [`field_str`].
 pub fn field<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
     let spans = v.get("spans").and_then(Value::as_array);
     v.get("fields")
@@ -346,6 +348,28 @@ pub fn field<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
         .or_else(|| v.get("span").and_then(|s| s.get(key)))
         .or_else(|| spans.and_then(|l| l.iter().rev().find_map(|s| s.get(key))))
         .or_else(|| v.get(key))
+}
+
+/// A string field of a log record ([`field`]), or `""` when absent or not a string.
+pub fn field_str<'a>(v: &'a Value, key: &str) -> &'a str {
+    field(v, key).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// Runs the ztunnel CLI outside any namespace (e.g. `ca issue`) and returns its stdout.
+pub fn cli(args: &[&str]) -> Result<String> {
+    let bin = crate::bin_path("ztunnel")?;
+    let out = crate::process::run(
+        std::process::Command::new(&bin).args(args),
+        std::time::Duration::from_secs(60),
+    )?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "ztunnel {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use harness::ztunnel::{field, message};
+use harness::ztunnel::{field_str, message};
 use harness::{Cluster, Node, Pod, PodSpec, Proc, Ztunnel, ZtunnelOpts, wait_until};
 use serde_json::Value;
 
@@ -88,10 +88,6 @@ fn mesh() -> Result<Mesh> {
         _nodes: (a, b),
         cluster,
     })
-}
-
-fn field_str<'a>(v: &'a Value, key: &str) -> &'a str {
-    field(v, key).and_then(Value::as_str).unwrap_or_default()
 }
 
 impl Mesh {

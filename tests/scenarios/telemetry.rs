@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use harness::ztunnel::{field, message};
+use anyhow::{Context, Result, ensure};
+use harness::ztunnel::{field, field_str, message};
 use harness::{Cluster, Node, Pod, PodSpec, Proc, Ztunnel, ZtunnelOpts, wait_for};
 use serde_json::Value;
 
@@ -78,7 +78,7 @@ fn mesh(opts: &ZtunnelOpts, ca_args: &[&str]) -> Result<Mesh> {
         let mut args = vec!["ca", "init", "--force", "--dir", &dir];
         args.extend(["--trust-domain", TRUST_DOMAIN]);
         args.extend(ca_args);
-        ztunnel_cli(&args)?;
+        harness::ztunnel::cli(&args)?;
     }
     let mut apps = Vec::new();
     for pod in [&web, &api, &plain] {
@@ -109,20 +109,6 @@ fn mesh(opts: &ZtunnelOpts, ca_args: &[&str]) -> Result<Mesh> {
         b,
         cluster,
     })
-}
-
-/// Runs the ztunnel CLI (outside any namespace) and returns its stdout.
-fn ztunnel_cli(args: &[&str]) -> Result<String> {
-    let bin = harness::bin_path("ztunnel")?;
-    let out = harness::process::run(std::process::Command::new(&bin).args(args), LONG)?;
-    if !out.status.success() {
-        bail!(
-            "ztunnel {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `curl` in the node's netns; returns (status, body).
@@ -606,10 +592,6 @@ fn admin_dumps_certificates_changes_log_level_and_expiry_is_surfaced() -> Result
     Ok(())
 }
 
-fn field_str<'a>(v: &'a Value, key: &str) -> &'a str {
-    field(v, key).and_then(Value::as_str).unwrap_or_default()
-}
-
 /// `curl` from `from` to `to:8080`; returns the status.
 fn http_get(from: &Pod, to: &Pod) -> Result<u16> {
     Ok(curl_from(from, &format!("http://{}:8080/", to.ip()))?.0)
@@ -867,14 +849,14 @@ fn certificates_and_the_trust_anchor_rotate_under_load_without_losing_a_connecti
 
     // 1. Add the new root: every node trusts both.
     let (ca_cursor, cb_cursor) = (m.zt_a.log_cursor(), m.zt_b.log_cursor());
-    ztunnel_cli(&["ca", "add-root", "--dir", &ca])?;
+    harness::ztunnel::cli(&["ca", "add-root", "--dir", &ca])?;
     wait_bundle(&m.zt_a, ca_cursor, 2)?;
     wait_bundle(&m.zt_b, cb_cursor, 2)?;
     std::thread::sleep(Duration::from_secs(3));
 
     // 2. Switch the issuer: every node renews every certificate from it.
     let (ca_cursor, cb_cursor) = (m.zt_a.log_cursor(), m.zt_b.log_cursor());
-    ztunnel_cli(&["ca", "activate", "--dir", &ca])?;
+    harness::ztunnel::cli(&["ca", "activate", "--dir", &ca])?;
     for (zt, cursor, ids) in [
         (
             &m.zt_a,
@@ -901,7 +883,7 @@ fn certificates_and_the_trust_anchor_rotate_under_load_without_losing_a_connecti
 
     // 3. Remove the old root.
     let (ca_cursor, cb_cursor) = (m.zt_a.log_cursor(), m.zt_b.log_cursor());
-    ztunnel_cli(&["ca", "remove-root", "--dir", &ca])?;
+    harness::ztunnel::cli(&["ca", "remove-root", "--dir", &ca])?;
     wait_bundle(&m.zt_a, ca_cursor, 1)?;
     wait_bundle(&m.zt_b, cb_cursor, 1)?;
     // Keep the traffic going across more renewals on the new anchor alone.

@@ -8,12 +8,12 @@
 //! reports the peer address it saw in `x-peer`.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
-use harness::ztunnel::{field, message};
+use anyhow::{Context, Result, ensure};
+use harness::ztunnel::{field, field_str, message};
 use harness::{
     Cluster, Node, Pod, PodSpec, Proc, Ztunnel, ZtunnelOpts, pcap_contains, tcp_ports_seen,
     wait_until,
@@ -120,10 +120,6 @@ fn http_get(from: &Pod, to: &Pod) -> Result<(u16, String, String)> {
         .trim()
         .to_string();
     Ok((status, body.to_string(), peer))
-}
-
-fn field_str<'a>(v: &'a Value, key: &str) -> &'a str {
-    field(v, key).and_then(Value::as_str).unwrap_or_default()
 }
 
 fn is_access(v: &Value) -> bool {
@@ -606,7 +602,7 @@ fn wrong_identity_foreign_ca_and_missing_client_cert_are_refused() -> Result<()>
 
     // 2a. Node b with certificates from another CA: node a refuses it as a server.
     let other_ca = m.cluster.dir().join("other-ca");
-    run_ztunnel(&[
+    harness::ztunnel::cli(&[
         "ca",
         "init",
         "--dir",
@@ -641,7 +637,7 @@ fn wrong_identity_foreign_ca_and_missing_client_cert_are_refused() -> Result<()>
     let zt_b = m.b.start_ztunnel(&ZtunnelOpts::default())?;
     zt_b.wait_ready(LONG)?;
     let foreign = m.cluster.dir().join("foreign-cert");
-    run_ztunnel(&[
+    harness::ztunnel::cli(&[
         "ca",
         "issue",
         "--dir",
@@ -694,22 +690,6 @@ fn wrong_identity_foreign_ca_and_missing_client_cert_are_refused() -> Result<()>
     // And ztunnel still serves.
     assert_eq!(http_get(&m.client, &m.api)?.0, 200);
     Ok(())
-}
-
-fn run_ztunnel(args: &[&str]) -> Result<String> {
-    let bin = harness::bin_path("ztunnel")?;
-    let out = Command::new(&bin)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {}", bin.display()))?;
-    if !out.status.success() {
-        bail!(
-            "ztunnel {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[test]
@@ -810,29 +790,13 @@ fn hbone_probe(
     serde_json::from_str(out.trim()).with_context(|| format!("probe output {out}"))
 }
 
-/// Issues a client certificate with `ztunnel ca issue` and returns (cert, key).
-fn issue_client_cert(cluster: &Cluster, identity: &str) -> Result<(PathBuf, PathBuf)> {
-    let out = cluster.dir().join("probe-cert");
-    run_ztunnel(&[
-        "ca",
-        "issue",
-        "--dir",
-        &cluster.ca_dir().display().to_string(),
-        "--identity",
-        identity,
-        "--out",
-        &out.display().to_string(),
-        "--ttl",
-        "1h",
-    ])?;
-    Ok((out.join("cert.pem"), out.join("key.pem")))
-}
-
 #[test]
 fn malformed_hbone_requests_get_400_and_ztunnel_keeps_serving() -> Result<()> {
     harness::skip_or_fail!(Ok(()));
     let m = mesh(&ZtunnelOpts::default())?;
-    let (cert, key) = issue_client_cert(&m.cluster, "spiffe://cluster.local/ns/shop/sa/client")?;
+    let (cert, key) = m
+        .cluster
+        .issue_cert("spiffe://cluster.local/ns/shop/sa/client")?;
     let bundle = m.cluster.ca_dir().join("bundle.pem");
     let probe = |method: &str, target: &str| {
         hbone_probe(&m.plain, &m.api, &cert, &key, &bundle, method, target)

@@ -15,12 +15,11 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use harness::config::{DATAPLANE_MODE, NONE};
-use harness::ztunnel::{field, message};
+use harness::ztunnel::{field, field_str, message};
 use harness::{Cluster, Node, Pod, PodSpec, Proc, Ztunnel, ZtunnelOpts};
 use serde_json::Value;
 
@@ -166,7 +165,7 @@ fn world() -> Result<World> {
             l.json.as_ref().and_then(message) == Some("waypoint ready")
         })
         .with_context(|| format!("waypoint did not start:\n{}", waypoint.log().tail(30)))?;
-    let cert = issue_cert(&cluster, CLIENT_ID)?;
+    let cert = cluster.issue_cert(CLIENT_ID)?;
     Ok(World {
         _apps: apps,
         waypoint,
@@ -179,26 +178,6 @@ fn world() -> Result<World> {
         _nodes: (a, b),
         cluster,
     })
-}
-
-/// `ztunnel ca issue` for `identity`; returns (cert, key).
-fn issue_cert(cluster: &Cluster, identity: &str) -> Result<(PathBuf, PathBuf)> {
-    let out = cluster.dir().join("client-cert");
-    let bin = harness::bin_path("ztunnel")?;
-    let status = Command::new(&bin)
-        .args(["ca", "issue", "--dir"])
-        .arg(cluster.ca_dir())
-        .args(["--identity", identity, "--out"])
-        .arg(&out)
-        .args(["--ttl", "1h"])
-        .output()
-        .with_context(|| format!("running {}", bin.display()))?;
-    ensure!(
-        status.status.success(),
-        "ztunnel ca issue failed: {}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    Ok((out.join("cert.pem"), out.join("key.pem")))
 }
 
 impl World {
@@ -278,10 +257,6 @@ fn requests_total(metrics: &str, want: &[&str]) -> u64 {
         .filter(|l| want.iter().all(|w| l.contains(w)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
-}
-
-fn field_str<'a>(v: &'a Value, key: &str) -> &'a str {
-    field(v, key).and_then(Value::as_str).unwrap_or_default()
 }
 
 #[test]

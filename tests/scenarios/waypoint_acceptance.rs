@@ -28,14 +28,12 @@
 //! The waypoint runs with `--retry-buffer-bytes 1024`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use harness::config::{DATAPLANE_MODE, NONE, USE_WAYPOINT};
-use harness::ztunnel::{field, message};
+use harness::ztunnel::{field, field_str, message};
 use harness::{Cluster, Node, Pod, PodSpec, Proc, Ztunnel, ZtunnelOpts};
 use serde_json::Value;
 
@@ -349,10 +347,6 @@ fn count(v: &Value, section: &str, key: &str) -> u64 {
         .and_then(|s| s.get(key))
         .and_then(Value::as_u64)
         .unwrap_or(0)
-}
-
-fn field_str<'a>(v: &'a Value, key: &str) -> &'a str {
-    field(v, key).and_then(Value::as_str).unwrap_or_default()
 }
 
 fn field_u64(v: &Value, key: &str) -> u64 {
@@ -951,7 +945,7 @@ fn direct_access_to_a_waypoint_fronted_pod_is_refused() -> Result<()> {
     );
 
     // (b) HBONE with a valid certificate straight to the pod's ztunnel: 401.
-    let cert = issue_cert(&w.cluster, CLIENT_ID)?;
+    let cert = w.cluster.issue_cert(CLIENT_ID)?;
     let cursor = w.zt.0.log_cursor();
     let mut cmd = w.outsider.command(harness::bin_path("ambit-hbone-probe")?);
     cmd.args(["--to", &format!("{}:15008", web1.ip())])
@@ -978,26 +972,6 @@ fn direct_access_to_a_waypoint_fronted_pod_is_refused() -> Result<()> {
             )
         })?;
     Ok(())
-}
-
-/// `ztunnel ca issue` for `identity`; returns (cert, key).
-fn issue_cert(cluster: &Cluster, identity: &str) -> Result<(PathBuf, PathBuf)> {
-    let out = cluster.dir().join("client-cert");
-    let bin = harness::bin_path("ztunnel")?;
-    let status = Command::new(&bin)
-        .args(["ca", "issue", "--dir"])
-        .arg(cluster.ca_dir())
-        .args(["--identity", identity, "--out"])
-        .arg(&out)
-        .args(["--ttl", "1h"])
-        .output()
-        .with_context(|| format!("running {}", bin.display()))?;
-    ensure!(
-        status.status.success(),
-        "ztunnel ca issue failed: {}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    Ok((out.join("cert.pem"), out.join("key.pem")))
 }
 
 // === 8. metrics ===
