@@ -1,10 +1,8 @@
 //! Captured outbound connections (15001): tunnel to enrolled destinations over HBONE,
 //! pass everything else through in plaintext.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-
-use std::net::IpAddr;
 
 use ambit_shared::config::index::Snapshot;
 use ambit_shared::config::{Protocol, Service, Waypoint};
@@ -38,12 +36,12 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
         let mut log = AccessLog::new(&ctx, "outbound", peer, dst);
         log.source(Some(pod.identity.clone()), Some(pod.workload()));
         if pod.is_self_call(dst) {
-            warn!(
-                "refused: the app called ztunnel's own port {} directly",
-                dst.port()
+            let port = dst.port();
+            return refuse(
+                &stream,
+                &mut log,
+                format!("refused call to ztunnel's own port {port}"),
             );
-            log.fail(format!("refused call to ztunnel's own port {}", dst.port()));
-            return;
         }
         let snapshot = ctx.snapshot.borrow().clone();
         // Each connection is routed once: to a waypoint (which picks the backend), to a
