@@ -145,30 +145,15 @@ async fn to_service(
     if endpoints.is_empty() {
         return Err(format!("service {name} has no endpoints"));
     }
-    let mut tried = Vec::new();
-    let mut last_error = String::new();
-    while tried.len() < MAX_SERVICE_ATTEMPTS {
-        let Some(ip) = ctx.balancer.pick(endpoints, &tried) else {
-            break;
-        };
-        tried.push(ip);
+    let mut attempts = Attempts::new(ctx, format!("service {name}"), endpoints);
+    while let Some(ip) = attempts.next() {
         let dst = SocketAddr::new(ip, target_port);
         match to_address(peer, dst, snapshot, pod, ctx, log).await {
-            Ok(io) => {
-                ctx.balancer.succeeded(ip);
-                return Ok((io, Some(ctx.balancer.lease(ip))));
-            }
-            Err(e) => {
-                let ejected_for = ctx.balancer.failed(ip);
-                warn!(service = %name, endpoint = %dst, error = %e, ?ejected_for, "endpoint failed; ejected, trying another");
-                last_error = format!("{dst}: {e}");
-            }
+            Ok(io) => return Ok(attempts.connected(ip, io)),
+            Err(e) => attempts.failed(ip, format!("{dst}: {e}")),
         }
     }
-    Err(format!(
-        "service {name}: {} endpoint(s) failed, last {last_error}",
-        tried.len()
-    ))
+    Err(attempts.exhausted())
 }
 
 /// Tunnels to one of a waypoint's replicas, with the address the client dialled as the
@@ -201,13 +186,8 @@ async fn via_waypoint(
         return Err(format!("waypoint {name} has no replicas"));
     }
     let ips: Vec<IpAddr> = replicas.iter().map(|(ip, _)| *ip).collect();
-    let mut tried = Vec::new();
-    let mut last_error = String::new();
-    while tried.len() < MAX_SERVICE_ATTEMPTS {
-        let Some(ip) = ctx.balancer.pick(&ips, &tried) else {
-            break;
-        };
-        tried.push(ip);
+    let mut attempts = Attempts::new(ctx, format!("waypoint {name}"), &ips);
+    while let Some(ip) = attempts.next() {
         let hbone_addr = SocketAddr::new(ip, ports::HBONE);
         let replica = replicas
             .iter()
@@ -215,21 +195,63 @@ async fn via_waypoint(
             .map(|(_, n)| n.clone());
         log.destination(Some(identity.clone()), replica, Some(hbone_addr));
         match open_tunnel(peer, dst, hbone_addr, identity.clone(), pod, ctx).await {
-            Ok(tunnel) => {
-                ctx.balancer.succeeded(ip);
-                return Ok((Box::new(tunnel), Some(ctx.balancer.lease(ip))));
-            }
-            Err(e) => {
-                let ejected_for = ctx.balancer.failed(ip);
-                warn!(waypoint = %name, replica = %hbone_addr, error = %e, ?ejected_for, "waypoint replica failed; trying another");
-                last_error = format!("{hbone_addr}: {e}");
-            }
+            Ok(tunnel) => return Ok(attempts.connected(ip, Box::new(tunnel))),
+            Err(e) => attempts.failed(ip, format!("{hbone_addr}: {e}")),
         }
     }
-    Err(format!(
-        "waypoint {name}: {} replica(s) failed, last {last_error}",
-        tried.len()
-    ))
+    Err(attempts.exhausted())
+}
+
+/// Up to [`MAX_SERVICE_ATTEMPTS`] distinct candidates, picked by the balancer. A candidate
+/// that fails is ejected; the one that connects is leased for the connection's life.
+struct Attempts<'a> {
+    ctx: &'a ProxyContext,
+    /// Names the target in logs and errors, e.g. `service shop/api`.
+    what: String,
+    candidates: &'a [IpAddr],
+    tried: Vec<IpAddr>,
+    last_error: String,
+}
+
+impl<'a> Attempts<'a> {
+    fn new(ctx: &'a ProxyContext, what: String, candidates: &'a [IpAddr]) -> Self {
+        Attempts {
+            ctx,
+            what,
+            candidates,
+            tried: Vec::new(),
+            last_error: String::new(),
+        }
+    }
+
+    fn next(&mut self) -> Option<IpAddr> {
+        if self.tried.len() >= MAX_SERVICE_ATTEMPTS {
+            return None;
+        }
+        let ip = self.ctx.balancer.pick(self.candidates, &self.tried)?;
+        self.tried.push(ip);
+        Some(ip)
+    }
+
+    fn connected(&self, ip: IpAddr, io: Box<dyn Io>) -> (Box<dyn Io>, Option<Lease>) {
+        self.ctx.balancer.succeeded(ip);
+        (io, Some(self.ctx.balancer.lease(ip)))
+    }
+
+    fn failed(&mut self, ip: IpAddr, error: String) {
+        let ejected_for = self.ctx.balancer.failed(ip);
+        warn!(target_name = %self.what, error = %error, ?ejected_for, "endpoint failed; ejected, trying another");
+        self.last_error = error;
+    }
+
+    fn exhausted(self) -> String {
+        format!(
+            "{}: {} attempt(s) failed, last {}",
+            self.what,
+            self.tried.len(),
+            self.last_error
+        )
+    }
 }
 
 /// Fails a connection we could not serve: the app gets a reset, as it would from a host
