@@ -213,6 +213,9 @@ pub fn compile(p: &AuthorizationPolicy) -> Result<CompiledPolicy, CompileError> 
                 }
             }
         }
+        if !rule.when.is_empty() && !l7_fields.contains(&"when") {
+            l7_fields.push("when");
+        }
         rules.push(CompiledRule { from, to });
     }
     Ok(CompiledPolicy {

@@ -177,6 +177,7 @@ fn validate(c: &Config) -> Result<(), Invalid> {
 
     routes::validate_waypoints(c, &namespaces)?;
     routes::validate_routes(c, &namespaces, &services)?;
+    traffic::validate_traffic_policies(c, &namespaces)?;
     Ok(())
 }
 
@@ -312,6 +313,7 @@ fn check_mode_label(labels: &BTreeMap<String, String>, at: &str) -> Result<(), I
 }
 
 mod routes;
+mod traffic;
 
 #[cfg(test)]
 mod tests;

@@ -17,6 +17,7 @@ use crate::identity::{Identity, IdentityError};
 pub mod duration;
 pub mod meta;
 pub mod route;
+pub mod traffic;
 
 pub use duration::{DurationError, GatewayDuration};
 pub use meta::{ObjectMeta, Timestamp, TimestampError};
@@ -28,6 +29,10 @@ pub use route::{
     HttpRouteFilterType, HttpRouteMatch, HttpRouteRetry, HttpRouteRule, HttpRouteSpec,
     HttpRouteTimeouts, HttpUrlRewriteFilter, ParentReference, PathMatchType, RedirectScheme, Route,
     RouteKind, RouteSpec, is_core_group,
+};
+pub use traffic::{
+    ConnectionPool, FaultAbort, FaultDelay, FaultInjection, GATEWAY_API_GROUP, OutlierDetection,
+    PolicyTargetRef, RateLimit, TrafficPolicy,
 };
 
 /// The whole configuration: what the mesh knows about namespaces, workloads and services.
@@ -59,6 +64,10 @@ pub struct Config {
     /// the services' waypoints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<Route>,
+    /// Resilience settings (circuit breaking, outlier detection, rate limits, faults) for
+    /// services and routes, enforced by waypoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traffic_policies: Vec<TrafficPolicy>,
 }
 
 /// A waypoint: the L7 proxy of a namespace.
@@ -235,6 +244,27 @@ pub struct Rule {
     /// Destinations; any may match. Empty means any destination.
     #[serde(default)]
     pub to: Vec<Operation>,
+    /// L7 conditions; all must hold. Only a waypoint can check these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<Condition>,
+}
+
+/// An L7 condition on a request attribute (Istio's `when`).
+///
+/// `key` is `request.headers[<name>]` (header names are case-insensitive). The condition
+/// holds when the value matches one of `values` (if set) and none of `notValues`. Values
+/// may start or end with `*`, as in paths.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Condition {
+    /// The attribute, e.g. `request.headers[x-tenant]`.
+    pub key: String,
+    /// Accepted values; empty means any value, as long as the attribute is present.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    /// Refused values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<String>,
 }
 
 /// Conditions on the source; all set fields must match.
@@ -286,12 +316,22 @@ pub struct Operation {
     /// L7: HTTP methods. Only a waypoint can check these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
-    /// L7: HTTP paths. Only a waypoint can check these.
+    /// L7: negated `methods`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<String>,
+    /// L7: HTTP paths: exact (`/healthz`), prefix (`/v1/*`), suffix (`*.json`) or any
+    /// (`*`). Only a waypoint can check these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
-    /// L7: HTTP hosts. Only a waypoint can check these.
+    /// L7: negated `paths`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<String>,
+    /// L7: HTTP hosts (`:authority` without port), with the same `*` patterns as paths.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
+    /// L7: negated `hosts`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_hosts: Vec<String>,
 }
 
 /// Peer authentication: does a workload accept plaintext?
@@ -357,6 +397,15 @@ impl Operation {
         }
         if !self.hosts.is_empty() {
             out.push("hosts");
+        }
+        if !self.not_methods.is_empty() {
+            out.push("notMethods");
+        }
+        if !self.not_paths.is_empty() {
+            out.push("notPaths");
+        }
+        if !self.not_hosts.is_empty() {
+            out.push("notHosts");
         }
         out
     }

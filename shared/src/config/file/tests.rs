@@ -3,6 +3,7 @@ use std::path::Path;
 use super::*;
 
 mod routes;
+mod traffic;
 
 const GOOD: &str = r#"
 trustDomain: cluster.local
