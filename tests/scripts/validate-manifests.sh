@@ -22,11 +22,13 @@ here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 k8s_version=1.32
 
+# missing WHAT HINT
 missing() {
-  echo "validate-manifests: missing prerequisite: $*" >&2
-  echo "validate-manifests: run tests/scripts/setup-host.sh (as root) to install it" >&2
+  echo "validate-manifests: missing prerequisite: $1" >&2
+  echo "validate-manifests: $2" >&2
   exit 3
 }
+setup_hint="run tests/scripts/setup-host.sh (as root) to install it"
 
 kubectl="${KUBECTL:-}"
 if [ -z "$kubectl" ]; then
@@ -37,17 +39,18 @@ if [ -z "$kubectl" ]; then
   fi
 fi
 [ -n "$kubectl" ] && [ -x "$kubectl" ] ||
-  missing "kubectl (v$k8s_version expected at /usr/bin/kubectl; it renders the kustomizations)"
+  missing "kubectl (v$k8s_version, expected at /usr/bin/kubectl or in PATH, or named by \$KUBECTL)" \
+    "install kubectl $k8s_version (setup-host.sh does not: these machines ship it)"
 # The console script, or the module when pip put the script outside PATH.
 if command -v kubernetes-validate >/dev/null 2>&1; then
   kv=(kubernetes-validate)
 elif python3 -c 'import kubernetes_validate' 2>/dev/null; then
   kv=(python3 -m kubernetes_validate)
 else
-  missing "kubernetes-validate (pip install kubernetes-validate)"
+  missing "kubernetes-validate (pip install kubernetes-validate)" "$setup_hint"
 fi
 python3 -c 'import jsonschema, yaml' 2>/dev/null ||
-  missing "python3 modules jsonschema and yaml (pip install jsonschema pyyaml)"
+  missing "python3 modules jsonschema and yaml (pip install jsonschema pyyaml)" "$setup_hint"
 
 client="$("$kubectl" version --client 2>/dev/null | sed -n 's/^Client Version: //p')"
 case "$client" in
