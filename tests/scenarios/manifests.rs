@@ -502,36 +502,15 @@ fn strip_nulls(v: &mut Value) {
 #[test]
 fn worked_example_is_a_valid_mesh_config() -> Result<()> {
     let test = "worked_example_is_a_valid_mesh_config";
-    // The same kubectl as the script picks.
-    let kubectl = match std::env::var("KUBECTL") {
-        Ok(k) if !k.is_empty() => k,
-        _ if Path::new("/usr/bin/kubectl").exists() => "/usr/bin/kubectl".to_string(),
-        _ => "kubectl".to_string(),
+    let Some(objects) = render(test, "examples")? else {
+        return Ok(());
     };
-    let out = match Command::new(&kubectl)
-        .arg("kustomize")
-        .arg(repo().join("deploy/examples"))
-        .output()
-    {
-        Ok(o) => o,
-        Err(e) => {
-            skip(test, &format!("kubectl not runnable: {e}"));
-            return Ok(());
-        }
-    };
-    ensure!(
-        out.status.success(),
-        "kubectl kustomize deploy/examples: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rendered = String::from_utf8(out.stdout)?;
     let mut namespaces = Vec::new();
     let mut services = Vec::new();
     let mut waypoints = Vec::new();
     let mut routes = Vec::new();
     let mut policies: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(&rendered) {
-        let obj: Value = serde::Deserialize::deserialize(doc)?;
+    for obj in &objects {
         let kind = obj["kind"].as_str().unwrap_or_default().to_string();
         let name = obj["metadata"]["name"].clone();
         let ns = obj["metadata"]["namespace"].clone();
@@ -577,7 +556,7 @@ fn worked_example_is_a_valid_mesh_config() -> Result<()> {
     }
     ensure!(
         !routes.is_empty() && !waypoints.is_empty() && policies.len() == 3,
-        "the example lacks a route, a waypoint or a policy kind:\n{rendered}"
+        "the example lacks a route, a waypoint or a policy kind"
     );
     let mut config = json!({
         "trustDomain": "cluster.local",
@@ -598,5 +577,173 @@ fn worked_example_is_a_valid_mesh_config() -> Result<()> {
     ensure!(parsed.authorization_policies.len() == 2, "{text}");
     ensure!(parsed.traffic_policies.len() == 2, "{text}");
     ensure!(parsed.routes.len() == 1, "{text}");
+    Ok(())
+}
+
+/// Renders `deploy/<dir>` with kubectl; `None` after reporting the skip when kubectl is
+/// missing.
+fn render(test: &str, dir: &str) -> Result<Option<Vec<Value>>> {
+    let kubectl = match std::env::var("KUBECTL") {
+        Ok(k) if !k.is_empty() => k,
+        _ if Path::new("/usr/bin/kubectl").exists() => "/usr/bin/kubectl".to_string(),
+        _ => "kubectl".to_string(),
+    };
+    let out = match Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(repo().join("deploy").join(dir))
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            skip(test, &format!("kubectl ({kubectl}) not runnable: {e}"));
+            return Ok(None);
+        }
+    };
+    ensure!(
+        out.status.success(),
+        "kubectl kustomize deploy/{dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    let mut objects = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        objects.push(serde::Deserialize::deserialize(doc)?);
+    }
+    Ok(Some(objects))
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> Result<&'a Value> {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .with_context(|| format!("no {kind} {name}"))
+}
+
+fn strings(v: &Value) -> BTreeSet<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// The privileges the install grants are exactly the ones capture and signing need.
+#[test]
+fn installed_privileges_are_least() -> Result<()> {
+    let test = "installed_privileges_are_least";
+    let Some(base) = render(test, "overlays/production")? else {
+        return Ok(());
+    };
+    let ds = find(&base, "DaemonSet", "ztunnel")?;
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let sc = &c["securityContext"];
+    ensure!(sc["privileged"] != json!(true), "ztunnel is privileged");
+    ensure!(
+        strings(&sc["capabilities"]["add"]) == set(&["NET_ADMIN", "SYS_ADMIN", "BPF"]),
+        "ztunnel capabilities: {}",
+        sc["capabilities"]
+    );
+    ensure!(strings(&sc["capabilities"]["drop"]) == set(&["ALL"]));
+    ensure!(pod["hostNetwork"] == json!(true));
+    let host_paths: BTreeSet<String> = pod["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["hostPath"]["path"].as_str().map(str::to_string))
+        .collect();
+    ensure!(
+        host_paths == set(&["/proc", "/sys/fs/bpf", "/sys/fs/cgroup"]),
+        "ztunnel hostPaths: {host_paths:?}"
+    );
+    ensure!(c["readinessProbe"]["httpGet"] == json!({ "path": "/healthz/ready", "port": 15021 }));
+    ensure!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == json!(1));
+    ensure!(pod["priorityClassName"] == json!("system-node-critical"));
+    let token = pod["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|v| v["projected"]["sources"][0].get("serviceAccountToken"))
+        .context("ztunnel has no projected token")?;
+    ensure!(token["audience"] == json!("ambit-signer"));
+
+    // The CA Secret: mounted read-only by the signer and by nothing else.
+    let mut ca_mounts = Vec::new();
+    for o in &base {
+        let spec = &o["spec"]["template"]["spec"];
+        for v in spec["volumes"].as_array().into_iter().flatten() {
+            if v["secret"]["secretName"] == "ambit-signer-ca" {
+                ca_mounts.push(o["metadata"]["name"].clone());
+                let mount = spec["containers"][0]["volumeMounts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|m| m["name"] == v["name"])
+                    .context("CA volume not mounted")?;
+                ensure!(mount["readOnly"] == json!(true), "CA mounted writable");
+            }
+        }
+    }
+    ensure!(
+        ca_mounts == vec![json!("ambit-signer")],
+        "CA mounted by {ca_mounts:?}"
+    );
+    let signer = &find(&base, "Deployment", "ambit-signer")?["spec"];
+    ensure!(signer["replicas"].as_u64().is_some_and(|n| n >= 2));
+    ensure!(signer["template"]["spec"]["securityContext"]["runAsNonRoot"] == json!(true));
+    ensure!(
+        signer["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
+            == json!(true)
+    );
+
+    // ztunnel reads; the signer creates TokenReviews and reads pods; only the signer's own
+    // Role touches a Secret, by name.
+    for role in base
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+    {
+        let name = role["metadata"]["name"].as_str().unwrap_or_default();
+        for rule in role["rules"].as_array().into_iter().flatten() {
+            let verbs = strings(&rule["verbs"]);
+            let resources = strings(&rule["resources"]);
+            ensure!(
+                !resources.contains("*") && !verbs.contains("*"),
+                "{name}: wildcard"
+            );
+            if resources.contains("secrets") {
+                ensure!(
+                    name == "ambit-signer-ca" && role["kind"] == "Role",
+                    "{name} reads Secrets"
+                );
+                ensure!(strings(&rule["resourceNames"]) == set(&["ambit-signer-ca"]));
+            }
+            let read_only = verbs.is_subset(&set(&["get", "list", "watch"]));
+            let token_review = resources == set(&["tokenreviews"]) && verbs == set(&["create"]);
+            ensure!(
+                read_only || (name == "ambit-signer" && token_review),
+                "{name} may {verbs:?} {resources:?}"
+            );
+        }
+    }
+
+    let Some(waypoint) = render(test, "waypoint")? else {
+        return Ok(());
+    };
+    ensure!(
+        !waypoint
+            .iter()
+            .any(|o| o["kind"] == "ClusterRole" || o["kind"] == "ClusterRoleBinding"),
+        "the waypoint template grants cluster-wide access"
+    );
+    let labels =
+        &find(&waypoint, "Deployment", "waypoint")?["spec"]["template"]["metadata"]["labels"];
+    ensure!(labels["gateway.networking.k8s.io/gateway-name"] == json!("waypoint"));
+    ensure!(labels["ambit.dev/dataplane-mode"] == json!("none"));
+    let hpa = &find(&waypoint, "HorizontalPodAutoscaler", "waypoint")?["spec"];
+    ensure!(hpa["minReplicas"] == json!(2) && hpa["maxReplicas"] == json!(10));
     Ok(())
 }
