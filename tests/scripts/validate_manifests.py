@@ -165,8 +165,9 @@ def check_structural(label: str, crd: dict, schema, at: str, rep: Report, top=Tr
             try:
                 CEL.compile(rule)
             except Exception as e:  # celpy raises its own parse errors
+                detail = " ".join(str(e).split())
                 rep.error(label, crd, f"{at}.x-kubernetes-validations[{i}].rule",
-                          f"does not compile as CEL: {e}")
+                          f"`{rule}` does not compile as CEL: {detail}")
     if top:
         meta = (props or {}).get("metadata")
         if meta is not None and set(meta.keys()) - {"type"}:
