@@ -22,10 +22,9 @@ use crate::config::model::{
     GatewayDuration, GrpcBackendRef, GrpcRouteFilter, GrpcRouteFilterType, GrpcRouteMatch,
     GrpcRouteSpec, HeaderMatchType, HttpBackendRef, HttpHeaderFilter, HttpHeaderMatch, HttpMethod,
     HttpPathMatch, HttpPathModifier, HttpPathModifierType, HttpRequestMirrorFilter,
-    HttpRequestRedirectFilter,
-    HttpRouteFilter, HttpRouteFilterType, HttpRouteMatch, HttpRouteRetry, HttpRouteRule,
-    HttpRouteSpec, HttpRouteTimeouts, HttpUrlRewriteFilter, ParentReference, PathMatchType, Route,
-    RouteKind, RouteSpec, Timestamp, is_core_group,
+    HttpRequestRedirectFilter, HttpRouteFilter, HttpRouteFilterType, HttpRouteMatch,
+    HttpRouteRetry, HttpRouteRule, HttpRouteSpec, HttpRouteTimeouts, HttpUrlRewriteFilter,
+    ParentReference, PathMatchType, Route, RouteKind, RouteSpec, Timestamp, is_core_group,
 };
 use crate::identity::validate_component;
 
@@ -988,12 +987,8 @@ fn compile_http_backend(
         weight: b.weight,
     };
     let mut backend = compile_backend(fields, at, route_ns)?;
-    backend.filters = compile_http_filters(
-        &b.filters,
-        &format!("{at}.filters"),
-        sole_prefix,
-        route_ns,
-    )?;
+    backend.filters =
+        compile_http_filters(&b.filters, &format!("{at}.filters"), sole_prefix, route_ns)?;
     Ok(backend)
 }
 
