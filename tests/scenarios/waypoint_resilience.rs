@@ -22,6 +22,7 @@
 //! | `mirrored` | 80 → 8080 | all | HTTPRoute with `RequestMirror` to `shadow` (100 %) |
 //! | `shadow` | 80 → 8086 | web-3 | – |
 //! | `limited` | 80 → 8080 | all | `rateLimit: 100 per 1s, burst 10` |
+//! | `delayed` | 80 → 8080 | all | fault: delay 300 ms, 100 % |
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -58,7 +59,10 @@ struct World {
     _cluster: Cluster,
 }
 
-const SERVICES: [&str; 6] = ["slow", "outlier", "faulty", "mirrored", "shadow", "limited"];
+const SERVICES: [&str; 7] = [
+    "slow", "outlier", "faulty", "mirrored", "shadow", "limited", "delayed",
+];
+const DELAY_MS: u64 = 300;
 
 fn config_yaml(vips: &BTreeMap<&'static str, String>) -> (String, String, String) {
     let vip = |n: &str| vips[n].clone();
@@ -70,6 +74,7 @@ fn config_yaml(vips: &BTreeMap<&'static str, String>) -> (String, String, String
 - {{ name: mirrored, namespace: shop, vips: [{mirrored}], ports: [{{ name: http, port: 80, targetPort: 8080 }}], selector: {{ app: web }} }}
 - {{ name: shadow, namespace: shop, vips: [{shadow}], ports: [{{ name: http, port: 80, targetPort: 8086 }}], selector: {{ app: web, version: v3 }} }}
 - {{ name: limited, namespace: shop, vips: [{limited}], ports: [{{ name: http, port: 80, targetPort: 8080 }}], selector: {{ app: web }} }}
+- {{ name: delayed, namespace: shop, vips: [{delayed}], ports: [{{ name: http, port: 80, targetPort: 8080 }}], selector: {{ app: web }} }}
 "#,
         slow = vip("slow"),
         outlier = vip("outlier"),
@@ -77,6 +82,7 @@ fn config_yaml(vips: &BTreeMap<&'static str, String>) -> (String, String, String
         mirrored = vip("mirrored"),
         shadow = vip("shadow"),
         limited = vip("limited"),
+        delayed = vip("delayed"),
     );
     let routes = r#"
 - apiVersion: gateway.networking.k8s.io/v1
@@ -120,6 +126,10 @@ fn config_yaml(vips: &BTreeMap<&'static str, String>) -> (String, String, String
   namespace: shop
   targetRefs: [{{ kind: Service, name: limited }}]
   rateLimit: {{ requests: {RATE}, interval: 1s, burst: {BURST} }}
+- name: delayed-fault
+  namespace: shop
+  targetRefs: [{{ kind: Service, name: delayed }}]
+  fault: {{ delay: {{ fixedDelay: {DELAY_MS}ms, percentage: 100 }} }}
 "#
     );
     (services, routes, policies)
@@ -497,6 +507,28 @@ fn aborts_follow_the_percentage_and_mirrors_never_slow_the_primary() -> Result<(
         &[r#"response_flags="FI""#],
     );
     ensure!(fi == aborted, "istio_requests_total FI {fi} != {aborted}");
+
+    // A delay for every request: none is answered sooner, and each is flagged DI.
+    let v = w.load("delayed", &["--requests", "20", "--concurrency", "4"])?;
+    eprintln!("100 % delay of {DELAY_MS} ms: {v}");
+    ensure!(count(&v, "statuses", "200") == 20, "delayed requests: {v}");
+    ensure!(
+        num(&v, "min_ms") >= DELAY_MS,
+        "a request was answered before the injected delay: {v}"
+    );
+    let metrics = w.admin("/metrics")?;
+    let di = metric_sum(
+        &metrics,
+        "istio_requests_total",
+        &[
+            r#"response_flags="DI""#,
+            r#"destination_service_name="delayed""#,
+        ],
+    );
+    ensure!(
+        di == 20,
+        "istio_requests_total DI for delayed: {di}, want 20"
+    );
 
     // Mirroring: every request is copied to a mirror that takes 3 s to answer.
     let m: u64 = 40;
