@@ -23,6 +23,7 @@
 //! | `shadow` | 80 → 8086 | web-3 | – |
 //! | `limited` | 80 → 8080 | all | `rateLimit: 100 per 1s, burst 10` |
 //! | `delayed` | 80 → 8080 | all | fault: delay 300 ms, 100 % |
+//! | `pooled` | 80 → 8082 | all | `connectionPool: { maxConnections: 2, maxPendingRequests: 2 }` |
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -59,8 +60,8 @@ struct World {
     _cluster: Cluster,
 }
 
-const SERVICES: [&str; 7] = [
-    "slow", "outlier", "faulty", "mirrored", "shadow", "limited", "delayed",
+const SERVICES: [&str; 8] = [
+    "slow", "outlier", "faulty", "mirrored", "shadow", "limited", "delayed", "pooled",
 ];
 const DELAY_MS: u64 = 300;
 
@@ -75,6 +76,7 @@ fn config_yaml(vips: &BTreeMap<&'static str, String>) -> (String, String, String
 - {{ name: shadow, namespace: shop, vips: [{shadow}], ports: [{{ name: http, port: 80, targetPort: 8086 }}], selector: {{ app: web, version: v3 }} }}
 - {{ name: limited, namespace: shop, vips: [{limited}], ports: [{{ name: http, port: 80, targetPort: 8080 }}], selector: {{ app: web }} }}
 - {{ name: delayed, namespace: shop, vips: [{delayed}], ports: [{{ name: http, port: 80, targetPort: 8080 }}], selector: {{ app: web }} }}
+- {{ name: pooled, namespace: shop, vips: [{pooled}], ports: [{{ name: http, port: 80, targetPort: 8082 }}], selector: {{ app: web }} }}
 "#,
         slow = vip("slow"),
         outlier = vip("outlier"),
@@ -83,6 +85,7 @@ fn config_yaml(vips: &BTreeMap<&'static str, String>) -> (String, String, String
         shadow = vip("shadow"),
         limited = vip("limited"),
         delayed = vip("delayed"),
+        pooled = vip("pooled"),
     );
     let routes = r#"
 - apiVersion: gateway.networking.k8s.io/v1
@@ -126,6 +129,10 @@ fn config_yaml(vips: &BTreeMap<&'static str, String>) -> (String, String, String
   namespace: shop
   targetRefs: [{{ kind: Service, name: limited }}]
   rateLimit: {{ requests: {RATE}, interval: 1s, burst: {BURST} }}
+- name: pooled-breaker
+  namespace: shop
+  targetRefs: [{{ kind: Service, name: pooled }}]
+  connectionPool: {{ maxConnections: 2, maxPendingRequests: 2 }}
 - name: delayed-fault
   namespace: shop
   targetRefs: [{{ kind: Service, name: delayed }}]
@@ -386,6 +393,37 @@ fn circuit_breaker_refuses_the_excess_with_uo() -> Result<()> {
     ensure!(
         uo == refused,
         "istio_requests_total{{response_flags=\"UO\"}} {uo} != {refused}"
+    );
+    Ok(())
+}
+
+#[test]
+fn connection_limit_queues_pending_requests_and_refuses_the_rest() -> Result<()> {
+    harness::skip_or_fail!(Ok(()));
+    let (_serial, w) = setup()?;
+    // HTTP/1.1: each request in flight needs its own upstream connection. 2 connections,
+    // 2 requests waiting for one (served once the first two end), 6 refused at once.
+    let v = w.load("pooled", &["--requests", "10", "--concurrency", "10"])?;
+    eprintln!("10 concurrent slow requests, 2 connections, 2 pending: {v}");
+    let ok = count(&v, "statuses", "200");
+    let refused = count(&v, "statuses", "503");
+    ensure!(ok == 4 && refused == 6, "want 4 × 200 and 6 × 503: {v}");
+    ensure!(
+        num(&v, "max_ms") >= 2 * SLOW_MS,
+        "the pending requests should have waited for a connection: {v}"
+    );
+    let metrics = w.admin("/metrics")?;
+    let pending = metric_sum(
+        &metrics,
+        "ambit_waypoint_circuit_breaker_overflow_total",
+        &[
+            r#"destination_service="shop/pooled""#,
+            r#"limit="max_pending_requests""#,
+        ],
+    );
+    ensure!(
+        pending == refused,
+        "max_pending_requests overflows {pending} != {refused}"
     );
     Ok(())
 }

@@ -402,6 +402,8 @@ impl Upstream {
                     dest.connections_exhausted();
                     Err(Limit::Connections)
                 } else {
+                    let all: Vec<SocketAddr> = plan.endpoints.iter().map(|e| e.addr).collect();
+                    self.clients.close_idle_among(&all);
                     dest.wait_pending().await
                 };
                 if let Err(limit) = waited {
