@@ -167,6 +167,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         certificates.bundle.clone(),
         &settings.name,
     );
+    upstream.destinations.metrics.register(&mut registry);
+    let destinations = upstream.destinations.clone();
     let ctx = Arc::new(Context {
         waypoint: Waypoint {
             name: settings.name.clone(),
@@ -180,7 +182,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         cfg: settings.listener.clone(),
     });
     let ready = Readiness::default();
-    admin::spawn(registry, ready.clone(), admin_listeners)?;
+    admin::spawn_with_outliers(registry, ready.clone(), admin_listeners, Some(destinations))?;
 
     let (trigger, watcher) = drain::channel();
     tokio::spawn(listener::serve(hbone, acceptor, ctx, watcher));

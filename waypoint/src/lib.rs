@@ -22,5 +22,6 @@ pub mod app;
 pub mod filters;
 pub mod listener;
 pub mod metrics;
+pub mod resilience;
 pub mod route;
 pub mod upstream;

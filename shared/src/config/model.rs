@@ -25,10 +25,10 @@ pub use route::{
     GATEWAY_API_VERSION, GrpcBackendRef, GrpcMethodMatch, GrpcRouteFilter, GrpcRouteFilterType,
     GrpcRouteMatch, GrpcRouteRule, GrpcRouteSpec, HeaderMatchType, HttpBackendRef, HttpHeader,
     HttpHeaderFilter, HttpHeaderMatch, HttpMethod, HttpPathMatch, HttpPathModifier,
-    HttpPathModifierType, HttpQueryParamMatch, HttpRequestRedirectFilter, HttpRouteFilter,
-    HttpRouteFilterType, HttpRouteMatch, HttpRouteRetry, HttpRouteRule, HttpRouteSpec,
-    HttpRouteTimeouts, HttpUrlRewriteFilter, ParentReference, PathMatchType, RedirectScheme, Route,
-    RouteKind, RouteSpec, is_core_group,
+    HttpPathModifierType, HttpQueryParamMatch, HttpRequestMirrorFilter, HttpRequestRedirectFilter,
+    HttpRouteFilter, HttpRouteFilterType, HttpRouteMatch, HttpRouteRetry, HttpRouteRule,
+    HttpRouteSpec, HttpRouteTimeouts, HttpUrlRewriteFilter, MirrorBackendRef, MirrorFraction,
+    ParentReference, PathMatchType, RedirectScheme, Route, RouteKind, RouteSpec, is_core_group,
 };
 pub use traffic::{
     ConnectionPool, FaultAbort, FaultDelay, FaultInjection, GATEWAY_API_GROUP, OutlierDetection,

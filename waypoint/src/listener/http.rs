@@ -211,6 +211,27 @@ async fn proxy(
     if endpoints.is_empty() {
         return record.local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream");
     }
+    let admitted = crate::resilience::admit(
+        &down.ctx,
+        &snap,
+        crate::resilience::RequestInfo {
+            route: &route,
+            backend_filters: &backend.filters,
+            dest: &dest,
+            source: &down.source,
+            head: &head,
+            body: &body,
+        },
+    )
+    .await;
+    match admitted {
+        Ok(a) => a.flags.iter().for_each(|f| record.add_flag(f)),
+        Err(refusal) => {
+            let mut resp = record.local(refusal.status, refusal.flags, &refusal.reason);
+            refusal.decorate(resp.headers_mut());
+            return resp;
+        }
+    }
     let response_filters: Vec<Filter> = route
         .filters
         .iter()
@@ -348,6 +369,12 @@ fn failed(mut record: Record, e: SendError) -> Response<ResponseBody> {
     let retried = if e.attempts > 1 { ",URX" } else { "" };
     let (status, flag) = match &e.error {
         None => (StatusCode::SERVICE_UNAVAILABLE, "UH"),
+        Some(AttemptError::Overflow { .. }) => {
+            let mut resp = record.local(StatusCode::SERVICE_UNAVAILABLE, "UO", &e.to_string());
+            resp.headers_mut()
+                .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+            return resp;
+        }
         Some(AttemptError::Connect { .. }) => (StatusCode::SERVICE_UNAVAILABLE, "UF"),
         Some(AttemptError::Timeout { .. }) => (StatusCode::GATEWAY_TIMEOUT, "UT"),
         Some(err) => match err.failure() {
