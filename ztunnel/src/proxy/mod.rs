@@ -109,6 +109,12 @@ pub async fn accept_loop<F, Fut>(
 }
 
 /// Why an inbound connection is refused, or `Ok` to let it in. Pure: logs nothing.
+///
+/// - A workload behind a waypoint accepts only that waypoint's identity, and nothing
+///   more is checked here: the waypoint enforced the policies (L4 and L7) with the
+///   client's identity.
+/// - Any other workload gets peer authentication and L4 policy, with the TLS peer's
+///   identity; a policy with L7 fields fails closed, since nothing could enforce them.
 pub fn decide(
     snap: &Snapshot,
     src_identity: Option<&Identity>,
@@ -135,6 +141,11 @@ pub fn decide(
                 wp.name
             ));
         }
+        // Policies for a waypoint-fronted workload are enforced by the waypoint, per
+        // request, with the client's identity (the TLS peer of the tunnel it received).
+        // Here the peer is the waypoint itself, so evaluating them again would judge the
+        // waypoint's identity instead of the client's, and could not see L7 attributes.
+        return Ok(policy::Notes::default());
     }
     if src_identity.is_none() {
         let (mode, source) = snap.config.peer_auth_mode(w);
@@ -150,7 +161,9 @@ pub fn decide(
         src,
         dst,
         dst_workload: w,
+        request: None,
     };
+    // No waypoint fronts this workload: L7 policies cannot be enforced and fail closed.
     match policy::evaluate(&conn, &snap.policies, false) {
         (Decision::Allow, notes) => Ok(notes),
         (Decision::Deny { reason, .. }, _) => Err(reason),
