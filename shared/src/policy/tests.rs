@@ -345,8 +345,16 @@ fn path_normalization() {
         ("*", "*", "*"),
     ];
     for (raw, matching, forward) in cases {
-        assert_eq!(normalize(raw, Form::Match), *matching, "match form of {raw}");
-        assert_eq!(normalize(raw, Form::Forward), *forward, "forward form of {raw}");
+        assert_eq!(
+            normalize(raw, Form::Match),
+            *matching,
+            "match form of {raw}"
+        );
+        assert_eq!(
+            normalize(raw, Form::Forward),
+            *forward,
+            "forward form of {raw}"
+        );
     }
     // Already-normal paths are borrowed, not copied.
     assert!(matches!(
@@ -409,8 +417,9 @@ fn l7_matchers_and_their_negations() {
     let not_post = policy(
         "{name: no-post, namespace: shop, action: DENY, rules: [{to: [{notMethods: [GET, HEAD]}]}]}",
     );
-    let json_only =
-        policy("{name: json, namespace: shop, action: ALLOW, rules: [{to: [{paths: ['*.json']}]}]}");
+    let json_only = policy(
+        "{name: json, namespace: shop, action: ALLOW, rules: [{to: [{paths: ['*.json']}]}]}",
+    );
     let exact = policy(
         "{name: exact, namespace: shop, action: ALLOW, rules: [{to: [{paths: ['/healthz']}]}]}",
     );
@@ -449,42 +458,330 @@ fn l7_matchers_and_their_negations() {
     );
     let no = "<no allow matched>";
     let cases: Vec<L7Case<'_>> = vec![
-        ("GET /v1/items allowed", vec![&get_v1], "GET", "/v1/items", "api", vec![], None),
-        ("GET /admin not allowed", vec![&get_v1], "GET", "/admin", "api", vec![], Some(no)),
-        ("POST /v1 not allowed", vec![&get_v1], "POST", "/v1/items", "api", vec![], Some(no)),
-        ("methods are case-sensitive", vec![&get_v1], "get", "/v1/items", "api", vec![], Some(no)),
-        ("prefix needs the slash", vec![&get_v1], "GET", "/v1", "api", vec![], Some(no)),
-        ("dot segments cannot escape /v1", vec![&get_v1], "GET", "/v1/../admin", "api", vec![], Some(no)),
-        ("encoded dots cannot escape /v1", vec![&get_v1], "GET", "/v1/%2e%2e/admin", "api", vec![], Some(no)),
-        ("query is ignored", vec![&get_v1], "GET", "/v1/a?b=/admin", "api", vec![], None),
-        ("notMethods denies POST", vec![&not_post], "POST", "/", "api", vec![], Some("shop/no-post")),
-        ("notMethods spares HEAD", vec![&not_post], "HEAD", "/", "api", vec![], None),
-        ("suffix matches", vec![&json_only], "GET", "/a/b.json", "api", vec![], None),
-        ("suffix misses", vec![&json_only], "GET", "/a/b.jsonp", "api", vec![], Some(no)),
-        ("exact matches", vec![&exact], "GET", "/healthz", "api", vec![], None),
-        ("exact misses a longer path", vec![&exact], "GET", "/healthz/x", "api", vec![], Some(no)),
-        ("* matches any path", vec![&any_path], "DELETE", "/x/y", "api", vec![], None),
-        ("notPaths excludes /admin/x", vec![&not_admin], "GET", "/admin/x", "api", vec![], Some(no)),
-        ("notPaths excludes //admin", vec![&not_admin], "GET", "//admin", "api", vec![], Some(no)),
-        ("notPaths lets /v1 in", vec![&not_admin], "GET", "/v1", "api", vec![], None),
-        ("deny wins over allow", vec![&any_path, &deny_admin], "GET", "/admin/users", "api", vec![], Some("shop/deny-admin")),
-        ("deny sees through dot segments", vec![&any_path, &deny_admin], "GET", "/v1/../admin", "api", vec![], Some("shop/deny-admin")),
-        ("deny sees through encoded slashes", vec![&any_path, &deny_admin], "GET", "/admin%2Fusers", "api", vec![], Some("shop/deny-admin")),
-        ("host without port, any case", vec![&hosts], "GET", "/", "API.Shop:8080", vec![], None),
-        ("host suffix", vec![&hosts], "GET", "/", "www.Example.com", vec![], None),
-        ("other host", vec![&hosts], "GET", "/", "evil.shop", vec![], Some(no)),
-        ("notHosts denies other hosts", vec![&not_hosts], "GET", "/", "evil.shop", vec![], Some("shop/not-hosts")),
-        ("notHosts spares api.shop", vec![&not_hosts], "GET", "/", "api.shop:80", vec![], None),
-        ("header value matches", vec![&tenant], "GET", "/", "api", vec![("x-tenant", "acme")], None),
-        ("header prefix matches", vec![&tenant], "GET", "/", "api", vec![("x-tenant", "beta-1")], None),
-        ("header value misses", vec![&tenant], "GET", "/", "api", vec![("x-tenant", "evil")], Some(no)),
-        ("absent header misses", vec![&tenant], "GET", "/", "api", vec![], Some(no)),
-        ("repeated header values are joined", vec![&tenant], "GET", "/", "api", vec![("x-tenant", "acme"), ("x-tenant", "evil")], Some(no)),
-        ("notValues denies others", vec![&not_tenant], "GET", "/", "api", vec![("x-tenant", "evil")], Some("shop/not-evil")),
-        ("notValues spares acme", vec![&not_tenant], "GET", "/", "api", vec![("x-tenant", "acme")], None),
-        ("notValues needs the header", vec![&not_tenant], "GET", "/", "api", vec![], None),
-        ("presence condition holds", vec![&present], "GET", "/", "api", vec![("x-token", "")], None),
-        ("presence condition misses", vec![&present], "GET", "/", "api", vec![], Some(no)),
+        (
+            "GET /v1/items allowed",
+            vec![&get_v1],
+            "GET",
+            "/v1/items",
+            "api",
+            vec![],
+            None,
+        ),
+        (
+            "GET /admin not allowed",
+            vec![&get_v1],
+            "GET",
+            "/admin",
+            "api",
+            vec![],
+            Some(no),
+        ),
+        (
+            "POST /v1 not allowed",
+            vec![&get_v1],
+            "POST",
+            "/v1/items",
+            "api",
+            vec![],
+            Some(no),
+        ),
+        (
+            "methods are case-sensitive",
+            vec![&get_v1],
+            "get",
+            "/v1/items",
+            "api",
+            vec![],
+            Some(no),
+        ),
+        (
+            "prefix needs the slash",
+            vec![&get_v1],
+            "GET",
+            "/v1",
+            "api",
+            vec![],
+            Some(no),
+        ),
+        (
+            "dot segments cannot escape /v1",
+            vec![&get_v1],
+            "GET",
+            "/v1/../admin",
+            "api",
+            vec![],
+            Some(no),
+        ),
+        (
+            "encoded dots cannot escape /v1",
+            vec![&get_v1],
+            "GET",
+            "/v1/%2e%2e/admin",
+            "api",
+            vec![],
+            Some(no),
+        ),
+        (
+            "query is ignored",
+            vec![&get_v1],
+            "GET",
+            "/v1/a?b=/admin",
+            "api",
+            vec![],
+            None,
+        ),
+        (
+            "notMethods denies POST",
+            vec![&not_post],
+            "POST",
+            "/",
+            "api",
+            vec![],
+            Some("shop/no-post"),
+        ),
+        (
+            "notMethods spares HEAD",
+            vec![&not_post],
+            "HEAD",
+            "/",
+            "api",
+            vec![],
+            None,
+        ),
+        (
+            "suffix matches",
+            vec![&json_only],
+            "GET",
+            "/a/b.json",
+            "api",
+            vec![],
+            None,
+        ),
+        (
+            "suffix misses",
+            vec![&json_only],
+            "GET",
+            "/a/b.jsonp",
+            "api",
+            vec![],
+            Some(no),
+        ),
+        (
+            "exact matches",
+            vec![&exact],
+            "GET",
+            "/healthz",
+            "api",
+            vec![],
+            None,
+        ),
+        (
+            "exact misses a longer path",
+            vec![&exact],
+            "GET",
+            "/healthz/x",
+            "api",
+            vec![],
+            Some(no),
+        ),
+        (
+            "* matches any path",
+            vec![&any_path],
+            "DELETE",
+            "/x/y",
+            "api",
+            vec![],
+            None,
+        ),
+        (
+            "notPaths excludes /admin/x",
+            vec![&not_admin],
+            "GET",
+            "/admin/x",
+            "api",
+            vec![],
+            Some(no),
+        ),
+        (
+            "notPaths excludes //admin",
+            vec![&not_admin],
+            "GET",
+            "//admin",
+            "api",
+            vec![],
+            Some(no),
+        ),
+        (
+            "notPaths lets /v1 in",
+            vec![&not_admin],
+            "GET",
+            "/v1",
+            "api",
+            vec![],
+            None,
+        ),
+        (
+            "deny wins over allow",
+            vec![&any_path, &deny_admin],
+            "GET",
+            "/admin/users",
+            "api",
+            vec![],
+            Some("shop/deny-admin"),
+        ),
+        (
+            "deny sees through dot segments",
+            vec![&any_path, &deny_admin],
+            "GET",
+            "/v1/../admin",
+            "api",
+            vec![],
+            Some("shop/deny-admin"),
+        ),
+        (
+            "deny sees through encoded slashes",
+            vec![&any_path, &deny_admin],
+            "GET",
+            "/admin%2Fusers",
+            "api",
+            vec![],
+            Some("shop/deny-admin"),
+        ),
+        (
+            "host without port, any case",
+            vec![&hosts],
+            "GET",
+            "/",
+            "API.Shop:8080",
+            vec![],
+            None,
+        ),
+        (
+            "host suffix",
+            vec![&hosts],
+            "GET",
+            "/",
+            "www.Example.com",
+            vec![],
+            None,
+        ),
+        (
+            "other host",
+            vec![&hosts],
+            "GET",
+            "/",
+            "evil.shop",
+            vec![],
+            Some(no),
+        ),
+        (
+            "notHosts denies other hosts",
+            vec![&not_hosts],
+            "GET",
+            "/",
+            "evil.shop",
+            vec![],
+            Some("shop/not-hosts"),
+        ),
+        (
+            "notHosts spares api.shop",
+            vec![&not_hosts],
+            "GET",
+            "/",
+            "api.shop:80",
+            vec![],
+            None,
+        ),
+        (
+            "header value matches",
+            vec![&tenant],
+            "GET",
+            "/",
+            "api",
+            vec![("x-tenant", "acme")],
+            None,
+        ),
+        (
+            "header prefix matches",
+            vec![&tenant],
+            "GET",
+            "/",
+            "api",
+            vec![("x-tenant", "beta-1")],
+            None,
+        ),
+        (
+            "header value misses",
+            vec![&tenant],
+            "GET",
+            "/",
+            "api",
+            vec![("x-tenant", "evil")],
+            Some(no),
+        ),
+        (
+            "absent header misses",
+            vec![&tenant],
+            "GET",
+            "/",
+            "api",
+            vec![],
+            Some(no),
+        ),
+        (
+            "repeated header values are joined",
+            vec![&tenant],
+            "GET",
+            "/",
+            "api",
+            vec![("x-tenant", "acme"), ("x-tenant", "evil")],
+            Some(no),
+        ),
+        (
+            "notValues denies others",
+            vec![&not_tenant],
+            "GET",
+            "/",
+            "api",
+            vec![("x-tenant", "evil")],
+            Some("shop/not-evil"),
+        ),
+        (
+            "notValues spares acme",
+            vec![&not_tenant],
+            "GET",
+            "/",
+            "api",
+            vec![("x-tenant", "acme")],
+            None,
+        ),
+        (
+            "notValues needs the header",
+            vec![&not_tenant],
+            "GET",
+            "/",
+            "api",
+            vec![],
+            None,
+        ),
+        (
+            "presence condition holds",
+            vec![&present],
+            "GET",
+            "/",
+            "api",
+            vec![("x-token", "")],
+            None,
+        ),
+        (
+            "presence condition misses",
+            vec![&present],
+            "GET",
+            "/",
+            "api",
+            vec![],
+            Some(no),
+        ),
     ];
     for (name, ps, method, path, host, headers, want) in cases {
         let got = decide_request(&ps, method, path, host, &headers);
@@ -504,9 +801,8 @@ fn tcp_through_a_waypoint_follows_istio_for_http_only_fields() {
         request: None,
     };
     // An ALLOW rule with HTTP fields never matches TCP...
-    let allow_get = policy(
-        "{name: get, namespace: shop, action: ALLOW, rules: [{to: [{methods: [GET]}]}]}",
-    );
+    let allow_get =
+        policy("{name: get, namespace: shop, action: ALLOW, rules: [{to: [{methods: [GET]}]}]}");
     let (d, _) = evaluate(&conn, std::slice::from_ref(&allow_get), true);
     assert_eq!(denied_by(&d), Some("<no allow matched>"));
     // ...a DENY rule with HTTP fields matches on its L4 fields...
@@ -579,7 +875,10 @@ fn dry_run_allow_that_misses_reports_a_would_be_denial() {
     );
     let (d, notes) = evaluate(&conn, &[dry_allow], true);
     assert_eq!(d, Decision::Allow);
-    assert_eq!(notes.dry_run, [("shop/only-shop".to_string(), Action::Deny)]);
+    assert_eq!(
+        notes.dry_run,
+        [("shop/only-shop".to_string(), Action::Deny)]
+    );
 }
 
 #[test]

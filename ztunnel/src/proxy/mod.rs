@@ -379,3 +379,57 @@ impl Drop for AccessLog {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use ambit_shared::config::parse_str;
+
+    use super::*;
+
+    const CONFIG: &str = r#"
+trustDomain: cluster.local
+namespaces:
+  - name: shop
+    labels: { ambit.dev/dataplane-mode: ambient, ambit.dev/use-waypoint: waypoint }
+  - name: data
+    labels: { ambit.dev/dataplane-mode: ambient }
+waypoints:
+  - { name: waypoint, namespace: shop }
+workloads:
+  - { name: waypoint-1, namespace: shop, serviceAccount: waypoint, ips: [10.1.1.9], node: a, labels: { gateway.networking.k8s.io/gateway-name: waypoint } }
+  - { name: api-1, namespace: shop, serviceAccount: api, ips: [10.1.1.2], node: a }
+  - { name: db-1, namespace: data, serviceAccount: db, ips: [10.1.2.2], node: a }
+authorizationPolicies:
+  - { name: a-gets-v1, namespace: shop, action: ALLOW, rules: [{ from: [{ principals: ['spiffe://cluster.local/ns/shop/sa/client-a'] }], to: [{ methods: [GET], paths: ['/v1/*'] }] }] }
+  - { name: reads-only, namespace: data, action: ALLOW, rules: [{ to: [{ methods: [GET] }] }] }
+"#;
+
+    #[test]
+    fn fronted_workloads_accept_their_waypoint_and_leave_policy_to_it() {
+        let snap = Snapshot::new(Arc::new(
+            parse_str(Path::new("t.yaml"), CONFIG).expect("valid config"),
+        ));
+        let id = |s: &str| s.parse::<Identity>().expect("identity");
+        let waypoint = id("spiffe://cluster.local/ns/shop/sa/waypoint");
+        let client = id("spiffe://cluster.local/ns/shop/sa/client-a");
+        let src: IpAddr = "10.1.1.9".parse().expect("ip");
+        let api: SocketAddr = "10.1.1.2:8080".parse().expect("addr");
+        let db: SocketAddr = "10.1.2.2:5432".parse().expect("addr");
+
+        // From the waypoint: in, although the policy names the client and L7 fields.
+        assert_eq!(
+            decide(&snap, Some(&waypoint), src, api),
+            Ok(policy::Notes::default())
+        );
+        // From the client itself: a bypass, refused whatever the policy says.
+        let err = decide(&snap, Some(&client), src, api).expect_err("bypass");
+        assert!(err.contains("bypass refused"), "{err}");
+        // No waypoint in front of db: its L7 policy fails closed, even for the waypoint.
+        for who in [&client, &waypoint] {
+            let err = decide(&snap, Some(who), src, db).expect_err("fail closed");
+            assert!(err.contains("no waypoint to enforce them"), "{err}");
+        }
+    }
+}
