@@ -169,6 +169,15 @@ async fn proxy(
         start,
         body.meter(),
     );
+    let client = crate::authz::Client {
+        identity: down.source.principal.as_ref(),
+        ip: down.peer.ip(),
+    };
+    let metrics = &down.ctx.metrics;
+    if let Err(d) = crate::authz::check(&snap, metrics, client, &down.target, &mut head) {
+        record.authz_policy = Some(d.policy);
+        return record.local(d.status, "-", &d.reason);
+    }
 
     let client_namespace = down.source.principal.as_ref().map(|p| p.namespace());
     let Some(route) = routes.select(&RouteRequest {
@@ -454,6 +463,8 @@ struct Record {
     response_bytes: u64,
     /// The response body reached its end (or the answer was local).
     complete: bool,
+    /// The authorization policy that refused the request.
+    authz_policy: Option<String>,
 }
 
 impl Record {
@@ -498,6 +509,7 @@ impl Record {
             flags: Vec::new(),
             response_bytes: 0,
             complete: false,
+            authz_policy: None,
         }
     }
 
@@ -611,6 +623,7 @@ impl Drop for Record {
             src.identity = %src_identity,
             src.workload = %down.source.workload.as_deref().unwrap_or(""),
             trace_id = %self.trace.trace_id(),
+            authz_policy = self.authz_policy.as_deref().unwrap_or(""),
             "request");
     }
 }
