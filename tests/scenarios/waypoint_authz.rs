@@ -13,7 +13,8 @@
 //! ```
 //!
 //! Namespace `shop` carries `ambit.dev/use-waypoint: waypoint`. Service `api` maps port
-//! 80 → 8080 and 81 → 8081.
+//! 80 → 8080 and 81 → 8081. Service `gateway` has no endpoints of its own: an HTTPRoute
+//! sends its requests on to `api`, whose policies must still apply.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -46,6 +47,7 @@ struct World {
     wp: Pod,
     api: Pod,
     vip: String,
+    gateway_vip: String,
     _nodes: (Node, Node),
     cluster: Cluster,
 }
@@ -92,9 +94,12 @@ fn world() -> Result<World> {
     cluster.enroll_namespace("jobs")?;
     cluster.set_namespace_label("shop", USE_WAYPOINT, Some("waypoint"))?;
     let vip = format!("10.{}.250.10", cluster.slot());
+    let gateway_vip = format!("10.{}.250.11", cluster.slot());
     let services = format!(
-        "[{{ name: api, namespace: shop, vips: [{vip}], ports: [{{ name: http, port: 80, targetPort: 8080 }}, {{ name: http-admin, port: 81, targetPort: 8081 }}], selector: {{ app: api }} }}]"
+        "[{{ name: api, namespace: shop, vips: [{vip}], ports: [{{ name: http, port: 80, targetPort: 8080 }}, {{ name: http-admin, port: 81, targetPort: 8081 }}], selector: {{ app: api }} }},
+          {{ name: gateway, namespace: shop, vips: [{gateway_vip}], ports: [{{ name: http, port: 80 }}], selector: {{ app: gateway }} }}]"
     );
+    let routes = "[{apiVersion: gateway.networking.k8s.io/v1, kind: HTTPRoute, metadata: {name: gateway, namespace: shop}, spec: {parentRefs: [{group: '', kind: Service, name: gateway}], rules: [{backendRefs: [{name: api, port: 80}]}]}}]";
     cluster.edit_config(|c| -> Result<()> {
         c.services = serde_yaml_ng::from_str(&services).context("services YAML")?;
         c.extra.insert(
@@ -103,6 +108,10 @@ fn world() -> Result<World> {
                 "[{ name: waypoint, namespace: shop, serviceAccount: waypoint }]",
             )
             .context("waypoints YAML")?,
+        );
+        c.extra.insert(
+            "routes".into(),
+            serde_yaml_ng::from_str(routes).context("routes YAML")?,
         );
         Ok(())
     })?;
@@ -147,6 +156,7 @@ fn world() -> Result<World> {
         wp,
         api,
         vip,
+        gateway_vip,
         _nodes: (na, nb),
         cluster,
     })
@@ -170,6 +180,8 @@ struct Case {
     method: &'static str,
     /// Service port: 80 (→ 8080) or 81 (→ 8081).
     port: u16,
+    /// Sent to the `gateway` service (an HTTPRoute sends it on to `api`), not `api`.
+    via_gateway: bool,
     /// Sent as is (`curl --path-as-is`).
     path: &'static str,
     headers: &'static [&'static str],
@@ -196,6 +208,7 @@ const fn case(
         from,
         method,
         port: 80,
+        via_gateway: false,
         path,
         headers: &[],
         want,
@@ -253,6 +266,28 @@ fn table() -> Vec<Group> {
                     403,
                     ALLOW_A_GET_V1,
                 ),
+                Case {
+                    via_gateway: true,
+                    ..case(
+                        "A GET /v1/items via a route from `gateway`",
+                        A,
+                        "GET",
+                        "/v1/items",
+                        200,
+                        "",
+                    )
+                },
+                Case {
+                    via_gateway: true,
+                    ..case(
+                        "B GET /v1/items via a route from `gateway`",
+                        B,
+                        "GET",
+                        "/v1/items",
+                        403,
+                        ALLOW_A_GET_V1,
+                    )
+                },
                 Case {
                     backend_path: Some("/v1/items"),
                     ..case(
@@ -435,7 +470,12 @@ impl World {
     /// Sends one request with curl to the service; returns the status and the path the
     /// backend saw.
     fn send(&self, c: &Case) -> Result<(u16, String)> {
-        self.send_to(c, &format!("{}:{}", self.vip, c.port))
+        let vip = if c.via_gateway {
+            &self.gateway_vip
+        } else {
+            &self.vip
+        };
+        self.send_to(c, &format!("{vip}:{}", c.port))
     }
 
     fn send_to(&self, c: &Case, addr: &str) -> Result<(u16, String)> {

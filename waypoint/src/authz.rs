@@ -16,8 +16,10 @@
 //!   is enforced.
 //! - **When.** Before routing and before any filter rewrites the request, as Istio's RBAC
 //!   filter runs before its router: what is authorized is what the client sent. If the
-//!   chosen route sends requests to other services, their endpoints are checked too,
-//!   with the same request, before the route's filters run.
+//!   chosen route sends requests to other services ([`check_route`]), their endpoints
+//!   are checked too, with the same request, before the route's filters run: a route
+//!   cannot carry a request to workloads whose policies refuse it. A request no route
+//!   matches (404) goes nowhere and is not checked against routes.
 //! - **Path.** Matched in its normalized form (see [`ambit_shared::policy::path`]); the
 //!   request is forwarded with dot segments and repeated slashes resolved, so the backend
 //!   never sees a spelling of the path that was not authorized.
@@ -42,7 +44,7 @@ use http::{StatusCode, Uri};
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
-use crate::route::Target;
+use crate::route::{BackendRef, Route, Target};
 
 /// Who is asking: the tunnel's TLS peer.
 #[derive(Debug, Clone, Copy)]
@@ -67,67 +69,66 @@ pub struct Denial {
 
 /// The endpoints a target's traffic may reach that are mesh workloads: the workload
 /// dialled, or every endpoint of the service (on its target port). Bare-IP endpoints have
-/// no workload, so no policy selects them.
-fn endpoints<'s>(snap: &'s Snapshot, target: &Target) -> Vec<(SocketAddr, &'s Workload)> {
+/// no workload, so no policy selects them. Added to `out` unless already there.
+fn endpoints_into<'s>(
+    snap: &'s Snapshot,
+    target: &Target,
+    out: &mut Vec<(SocketAddr, &'s Workload)>,
+) {
+    let mut add = |addr: SocketAddr| {
+        if let Some(w) = snap.workload_by_ip(addr.ip())
+            && !out.iter().any(|(a, _)| *a == addr)
+        {
+            out.push((addr, w));
+        }
+    };
     match target {
         Target::Service {
             namespace,
             name,
             target_port,
             ..
-        } => snap
-            .service(namespace, name)
-            .map(|(_, ips)| {
-                ips.iter()
-                    .filter_map(|ip| {
-                        let w = snap.workload_by_ip(*ip)?;
-                        Some((SocketAddr::new(*ip, *target_port), w))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-        Target::Workload { addr, .. } => snap
-            .workload_by_ip(addr.ip())
-            .map(|w| vec![(*addr, w)])
-            .unwrap_or_default(),
+        } => {
+            if let Some((_, ips)) = snap.service(namespace, name) {
+                for ip in ips {
+                    add(SocketAddr::new(*ip, *target_port));
+                }
+            }
+        }
+        Target::Workload { addr, .. } => add(*addr),
     }
 }
 
 /// Decides `request` (or, without one, an L4 connection) against the policies of every
-/// endpoint of `targets`.
+/// endpoint in `eps`.
 fn decide(
     snap: &Snapshot,
     client: Client<'_>,
-    targets: &[&Target],
+    eps: &[(SocketAddr, &Workload)],
     request: Option<&Request<'_>>,
 ) -> (Result<(), Denial>, Notes) {
-    let mut notes = Notes::default();
-    for target in targets {
-        let eps = endpoints(snap, target);
-        let Some((first_addr, first_w)) = eps.first() else {
-            continue;
-        };
-        let conn = Conn {
-            src_identity: client.identity,
-            src: client.ip,
-            dst: *first_addr,
-            dst_workload: first_w,
-            request,
-        };
-        let (d, n) = policy::evaluate_endpoints(&conn, &eps, &snap.policies, true);
-        notes.audited.extend(n.audited);
-        notes.dry_run.extend(n.dry_run);
-        if let Decision::Deny { policy, reason } = d {
-            let policy = policy.unwrap_or_else(|| allow_policies(snap, &eps));
+    let Some((first_addr, first_w)) = eps.first() else {
+        return (Ok(()), Notes::default());
+    };
+    let conn = Conn {
+        src_identity: client.identity,
+        src: client.ip,
+        dst: *first_addr,
+        dst_workload: first_w,
+        request,
+    };
+    let (d, notes) = policy::evaluate_endpoints(&conn, eps, &snap.policies, true);
+    match d {
+        Decision::Allow => (Ok(()), notes),
+        Decision::Deny { policy, reason } => {
             let denial = Denial {
                 status: StatusCode::FORBIDDEN,
-                policy,
+                policy: policy.unwrap_or_else(|| allow_policies(snap, eps)),
                 reason,
             };
-            return (Err(denial), notes);
+            (Err(denial), notes)
         }
     }
-    (Ok(()), notes)
 }
 
 /// The enforced ALLOW policies that apply to any of `eps`, for a "no ALLOW matched" log.
@@ -209,7 +210,9 @@ pub fn check(
 ) -> Result<(), Denial> {
     // Authorize first, on the path as sent (normalized for matching, which is at least as
     // strict as the forwarded form), then rewrite what is forwarded.
-    authorize_request(snap, metrics, client, &[target], head)?;
+    let mut eps = Vec::new();
+    endpoints_into(snap, target, &mut eps);
+    authorize_request(snap, metrics, client, &eps, head)?;
     normalize_path(head).map_err(|reason| Denial {
         status: StatusCode::BAD_REQUEST,
         policy: String::new(),
@@ -217,16 +220,69 @@ pub fn check(
     })
 }
 
-/// Authorizes one HTTP request to the endpoints of `targets`, as the client sent it
-/// (`head` before any filter). Logs audits and dry runs; logs and counts a denial.
-pub fn authorize_request(
+/// Called once the route is chosen, before its filters: when the route sends requests to
+/// other services than the one dialled, authorizes the request against their endpoints
+/// that [`check`] did not already cover, so a route cannot carry a request to workloads
+/// whose policies would refuse it.
+pub fn check_route(
     snap: &Snapshot,
     metrics: &Metrics,
     client: Client<'_>,
-    targets: &[&Target],
+    dialled: &Target,
+    route: &Route,
     head: &Parts,
 ) -> Result<(), Denial> {
-    if snap.policies.is_empty() {
+    if snap.policies.is_empty()
+        || route
+            .backends
+            .iter()
+            .all(|b| b.backend == BackendRef::Parent)
+    {
+        return Ok(());
+    }
+    let mut checked = Vec::new();
+    endpoints_into(snap, dialled, &mut checked);
+    let mut eps = checked.clone();
+    for b in &route.backends {
+        if let Some(t) = backend_target(snap, &b.backend) {
+            endpoints_into(snap, &t, &mut eps);
+        }
+    }
+    let rest: Vec<_> = eps.split_off(checked.len());
+    authorize_request(snap, metrics, client, &rest, head)
+}
+
+/// A backend service as a target, on the port the route names.
+fn backend_target(snap: &Snapshot, backend: &BackendRef) -> Option<Target> {
+    let BackendRef::Service {
+        namespace,
+        name,
+        port,
+    } = backend
+    else {
+        return None;
+    };
+    let (svc, _) = snap.service(namespace, name)?;
+    let p = svc.ports.iter().find(|p| p.port == *port)?;
+    Some(Target::Service {
+        namespace: namespace.clone(),
+        name: name.clone(),
+        port: *port,
+        target_port: p.target_port.unwrap_or(p.port),
+        port_name: p.name.as_deref().map(Into::into),
+    })
+}
+
+/// Authorizes one HTTP request to the endpoints `eps`, as the client sent it (`head`
+/// before any filter). Logs audits and dry runs; logs and counts a denial.
+fn authorize_request(
+    snap: &Snapshot,
+    metrics: &Metrics,
+    client: Client<'_>,
+    eps: &[(SocketAddr, &Workload)],
+    head: &Parts,
+) -> Result<(), Denial> {
+    if snap.policies.is_empty() || eps.is_empty() {
         return Ok(());
     }
     let matched_path = path::normalize(head.uri.path(), Form::Match);
@@ -242,7 +298,7 @@ pub fn authorize_request(
         host: path::host_of(authority),
         headers: &head.headers,
     };
-    let (result, notes) = decide(snap, client, targets, Some(&request));
+    let (result, notes) = decide(snap, client, eps, Some(&request));
     if !notes.audited.is_empty() || !notes.dry_run.is_empty() || result.is_err() {
         let what = format!("{} {} {}", head.method, authority, head.uri.path());
         report(metrics, client, &what, &result, notes);
@@ -262,7 +318,9 @@ pub fn authorize_connection(
     if snap.policies.is_empty() {
         return Ok(());
     }
-    let (result, notes) = decide(snap, client, &[target], None);
+    let mut eps = Vec::new();
+    endpoints_into(snap, target, &mut eps);
+    let (result, notes) = decide(snap, client, &eps, None);
     if !notes.audited.is_empty() || !notes.dry_run.is_empty() || result.is_err() {
         report(
             metrics,

@@ -18,6 +18,7 @@ workloads:
   - { name: api-2, namespace: shop, serviceAccount: api, ips: [10.1.1.3], node: a, labels: { app: api, version: v2 } }
 services:
   - { name: api, namespace: shop, vips: [10.96.0.10], ports: [{ port: 80, targetPort: 8080 }], selector: { app: api } }
+  - { name: front, namespace: shop, vips: [10.96.0.11], ports: [{ port: 80 }], selector: { app: front } }
 authorizationPolicies:
   - { name: v1-only, namespace: shop, action: ALLOW, rules: [{ to: [{ paths: ['/v1/*'] }] }] }
   - { name: no-post-on-v2, namespace: shop, selector: { version: v2 }, action: DENY, rules: [{ to: [{ methods: [POST] }] }] }
@@ -105,4 +106,48 @@ fn tcp_connections_apply_istio_rules_for_http_fields() {
     // The only ALLOW needs a path, which TCP has none of: refused.
     let d = authorize_connection(&snap, &metrics, client(&id), &service()).expect_err("denied");
     assert_eq!(d.policy, "shop/v1-only");
+}
+
+#[test]
+fn a_route_to_another_service_is_checked_against_its_endpoints() {
+    use crate::route::{BackendRef, Route, WeightedBackend};
+
+    let snap = snapshot();
+    let metrics = Metrics::new(&mut Registry::default());
+    let id: Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().expect("id");
+    // `front` has no endpoints of its own: dialling it checks nothing...
+    let front = Target::Service {
+        namespace: "shop".into(),
+        name: "front".into(),
+        port: 80,
+        target_port: 80,
+        port_name: None,
+    };
+    let mut admin = head("GET", "/admin");
+    assert_eq!(
+        check(&snap, &metrics, client(&id), &front, &mut admin),
+        Ok(())
+    );
+    // ...but a route sending it on to `api` meets api's policies.
+    let mut route = Route::default_for_parent();
+    assert_eq!(
+        check_route(&snap, &metrics, client(&id), &front, &route, &admin),
+        Ok(())
+    );
+    route.backends = vec![WeightedBackend {
+        backend: BackendRef::Service {
+            namespace: "shop".into(),
+            name: "api".into(),
+            port: 80,
+        },
+        weight: 1,
+        filters: Vec::new(),
+    }];
+    let d = check_route(&snap, &metrics, client(&id), &front, &route, &admin).expect_err("denied");
+    assert_eq!(d.policy, "shop/v1-only");
+    let ok = head("GET", "/v1/items");
+    assert_eq!(
+        check_route(&snap, &metrics, client(&id), &front, &route, &ok),
+        Ok(())
+    );
 }

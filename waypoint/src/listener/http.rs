@@ -189,6 +189,10 @@ async fn proxy(
         return record.local(StatusCode::NOT_FOUND, "NR", "no route matched");
     };
     record.route = route.name.clone();
+    if let Err(d) = crate::authz::check_route(&snap, metrics, client, &down.target, &route, &head) {
+        record.authz_policy = Some(d.policy);
+        return record.local(d.status, "-", &d.reason);
+    }
     let port = down.target.port();
     match filters::apply_request(&route.filters, &mut head, port) {
         Ok(Decision::Forward) => {}
