@@ -13,7 +13,8 @@
 //! ```
 //!
 //! Namespace `shop` carries `ambit.dev/use-waypoint: waypoint`. Service `api` maps port
-//! 80 → 8080 and 81 → 8081. Service `gateway` has no endpoints of its own: an HTTPRoute
+//! 80 → 8080 and 81 → 8081 (HTTP), and 82 → 9090 (`tcp-echo`: forwarded at L4). Service
+//! `gateway` has no endpoints of its own: an HTTPRoute
 //! sends its requests on to `api`, whose policies must still apply.
 
 use std::collections::BTreeMap;
@@ -96,7 +97,7 @@ fn world() -> Result<World> {
     let vip = format!("10.{}.250.10", cluster.slot());
     let gateway_vip = format!("10.{}.250.11", cluster.slot());
     let services = format!(
-        "[{{ name: api, namespace: shop, vips: [{vip}], ports: [{{ name: http, port: 80, targetPort: 8080 }}, {{ name: http-admin, port: 81, targetPort: 8081 }}], selector: {{ app: api }} }},
+        "[{{ name: api, namespace: shop, vips: [{vip}], ports: [{{ name: http, port: 80, targetPort: 8080 }}, {{ name: http-admin, port: 81, targetPort: 8081 }}, {{ name: tcp-echo, port: 82, targetPort: 9090 }}], selector: {{ app: api }} }},
           {{ name: gateway, namespace: shop, vips: [{gateway_vip}], ports: [{{ name: http, port: 80 }}], selector: {{ app: gateway }} }}]"
     );
     let routes = "[{apiVersion: gateway.networking.k8s.io/v1, kind: HTTPRoute, metadata: {name: gateway, namespace: shop}, spec: {parentRefs: [{group: '', kind: Service, name: gateway}], rules: [{backendRefs: [{name: api, port: 80}]}]}}]";
@@ -123,6 +124,7 @@ fn world() -> Result<World> {
         let listen = format!("0.0.0.0:{port}");
         apps.push(api.spawn_testapp(&["http", "--name", "api-1", "--listen", &listen])?);
     }
+    apps.push(api.spawn_testapp(&["echo", "--listen", "0.0.0.0:9090"])?);
     let zt_a = na.start_ztunnel(&ZtunnelOpts::default())?;
     let zt_b = nb.start_ztunnel(&ZtunnelOpts::default())?;
     zt_a.wait_ready(LONG)?;
@@ -699,5 +701,67 @@ fn a_direct_connection_that_bypasses_the_waypoint_is_refused() -> Result<()> {
                 w.zt.0.tail(20)
             )
         })?;
+    Ok(())
+}
+
+#[test]
+fn tcp_through_the_waypoint_follows_istio_rules_for_http_fields() -> Result<()> {
+    harness::skip_or_fail!(Ok(()));
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let w = world()?;
+    let echo = format!("{}:82", w.vip);
+    let echoes = |from: Sender| -> Result<bool> {
+        let r = w.pod(from).run_testapp(
+            &[
+                "connect",
+                "--to",
+                &echo,
+                "--timeout-secs",
+                "3",
+                "--send",
+                "ping",
+            ],
+            CURL,
+        )?;
+        eprintln!("{from:?} -> {echo}: {r}");
+        Ok(r["received"] == "ping")
+    };
+    let denied_lines = |cursor: usize, policy: &str| {
+        w.waypoint
+            .log()
+            .wait_for(cursor, LONG, |l| {
+                l.json.as_ref().is_some_and(|v| {
+                    message(v) == Some("denied by authorization policy")
+                        && field_str(v, "policy") == policy
+                        && field_str(v, "request").starts_with("tcp ")
+                })
+            })
+            .with_context(|| format!("no TCP denial logged for {policy}"))
+    };
+
+    // Pure L4 policy: A's connection passes, B's is refused.
+    w.apply("[{name: a-only, namespace: shop, action: ALLOW, rules: [{from: [{principals: ['spiffe://cluster.local/ns/shop/sa/client-a']}], to: [{ports: [9090]}]}]}]")?;
+    ensure!(echoes(Sender::A)?, "A's TCP connection must pass");
+    let cursor = w.waypoint.log().len();
+    ensure!(!echoes(Sender::B)?, "B's TCP connection must be refused");
+    denied_lines(cursor, "shop/a-only")?;
+
+    // A DENY with an HTTP-only field matches TCP on its other fields: refused.
+    w.apply("[{name: no-post-9090, namespace: shop, action: DENY, rules: [{to: [{ports: [9090], methods: [POST]}]}]}]")?;
+    let cursor = w.waypoint.log().len();
+    ensure!(!echoes(Sender::A)?, "the DENY must refuse TCP on port 9090");
+    denied_lines(cursor, "shop/no-post-9090")?;
+
+    // An ALLOW whose only rule needs HTTP never matches TCP: refused too.
+    w.apply(
+        "[{name: get-only, namespace: shop, action: ALLOW, rules: [{to: [{methods: [GET]}]}]}]",
+    )?;
+    let cursor = w.waypoint.log().len();
+    ensure!(!echoes(Sender::A)?, "an HTTP-only ALLOW must not admit TCP");
+    denied_lines(cursor, "shop/get-only")?;
+    let metrics = w.metrics()?;
+    for p in ["shop/a-only", "shop/no-post-9090", "shop/get-only"] {
+        ensure!(denied_count(&metrics, p) == 1, "{p}: {metrics}");
+    }
     Ok(())
 }

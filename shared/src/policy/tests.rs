@@ -924,3 +924,24 @@ fn l7_compile_errors_name_the_field() {
         "rules[0].to[0].notPorts[0]"
     );
 }
+
+#[test]
+fn config_validation_refuses_unknown_when_keys_with_the_field_path() {
+    let yaml = r#"
+trustDomain: cluster.local
+namespaces: [{ name: shop }]
+authorizationPolicies:
+  - { name: ok, namespace: shop, action: ALLOW, rules: [{}] }
+  - name: typo
+    namespace: shop
+    action: DENY
+    rules:
+      - when: [{ key: 'request.headers[x-a]', values: [b] }]
+      - when: [{ key: 'request.header[x-a]', values: [b] }]
+"#;
+    let err = crate::config::parse_str(std::path::Path::new("mesh.yaml"), yaml)
+        .expect_err("unknown key refused");
+    assert_eq!(err.field, "authorizationPolicies[1].rules[1].when[0].key");
+    assert!(err.reason.contains("request.header[x-a]"), "{err}");
+    assert!(err.to_string().contains("mesh.yaml"), "{err}");
+}
