@@ -705,7 +705,7 @@ fn a_direct_connection_that_bypasses_the_waypoint_is_refused() -> Result<()> {
 }
 
 #[test]
-fn tcp_through_the_waypoint_follows_istio_rules_for_http_fields() -> Result<()> {
+fn tcp_follows_istio_rules_for_http_fields_and_grpc_denials_say_permission_denied() -> Result<()> {
     harness::skip_or_fail!(Ok(()));
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let w = world()?;
@@ -763,5 +763,48 @@ fn tcp_through_the_waypoint_follows_istio_rules_for_http_fields() -> Result<()> 
     for p in ["shop/a-only", "shop/no-post-9090", "shop/get-only"] {
         ensure!(denied_count(&metrics, p) == 1, "{p}: {metrics}");
     }
+
+    // gRPC: a denied call answers grpc-status 7 (PERMISSION_DENIED, which clients do not
+    // retry, unlike UNAVAILABLE); another method of the same service passes.
+    w.apply("[{name: no-unary, namespace: shop, action: DENY, rules: [{to: [{paths: ['/ambit.test.Echo/Unary']}]}]}]")?;
+    let to = format!("{}:80", w.vip);
+    let url = format!("http://{to}/ambit.test.Echo/Unary");
+    for _ in 0..4 {
+        let out = w.a.run_ok(
+            w.a.command("curl")
+                .args([
+                    "-sS",
+                    "-m",
+                    "10",
+                    "--http2-prior-knowledge",
+                    "-o",
+                    "/dev/null",
+                ])
+                .args([
+                    "-D",
+                    "-",
+                    "-X",
+                    "POST",
+                    "-H",
+                    "content-type: application/grpc",
+                ])
+                .args(["-H", "te: trailers", "--data-binary", "", &url]),
+            CURL,
+        )?;
+        let head = out.to_ascii_lowercase();
+        ensure!(
+            head.starts_with("http/2 403") && head.contains("grpc-status: 7"),
+            "denied gRPC call: {out}"
+        );
+    }
+    let v = w.a.run_testapp(
+        &[
+            "grpc", "--to", &to, "--host", "api.shop", "--calls", "4", "--method", "stream",
+        ],
+        CURL,
+    )?;
+    eprintln!("gRPC stream: {v}");
+    ensure!(v["statuses"]["0"].as_u64() == Some(4), "gRPC stream: {v}");
+    ensure!(denied_count(&w.metrics()?, "shop/no-unary") == 4);
     Ok(())
 }

@@ -67,6 +67,21 @@ pub struct Denial {
     pub reason: String,
 }
 
+// === impl Denial ===
+
+impl Denial {
+    /// What the client is told: for a 403 only that access is denied, as Istio answers
+    /// (`RBAC: access denied`), since policy names and rules are the operator's business;
+    /// the reason for a 400.
+    pub fn client_message(&self) -> &str {
+        if self.status == StatusCode::FORBIDDEN {
+            "RBAC: access denied"
+        } else {
+            &self.reason
+        }
+    }
+}
+
 /// The endpoints a target's traffic may reach that are mesh workloads: the workload
 /// dialled, or every endpoint of the service (on its target port). Bare-IP endpoints have
 /// no workload, so no policy selects them. Added to `out` unless already there.

@@ -175,8 +175,8 @@ async fn proxy(
     };
     let metrics = &down.ctx.metrics;
     if let Err(d) = crate::authz::check(&snap, metrics, client, &down.target, &mut head) {
-        record.authz_policy = Some(d.policy);
-        return record.local(d.status, "-", &d.reason);
+        record.authz_policy = Some(d.policy.clone());
+        return record.local(d.status, "-", d.client_message());
     }
 
     let client_namespace = down.source.principal.as_ref().map(|p| p.namespace());
@@ -190,8 +190,8 @@ async fn proxy(
     };
     record.route = route.name.clone();
     if let Err(d) = crate::authz::check_route(&snap, metrics, client, &down.target, &route, &head) {
-        record.authz_policy = Some(d.policy);
-        return record.local(d.status, "-", &d.reason);
+        record.authz_policy = Some(d.policy.clone());
+        return record.local(d.status, "-", d.client_message());
     }
     let port = down.target.port();
     match filters::apply_request(&route.filters, &mut head, port) {
@@ -541,11 +541,12 @@ impl Record {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         if self.grpc {
-            // gRPC clients read the status from grpc-status; 14 is UNAVAILABLE.
-            let code = if status == StatusCode::NOT_FOUND {
-                "12"
-            } else {
-                "14"
+            // gRPC clients read the status from grpc-status; 14 is UNAVAILABLE, which
+            // clients may retry, so a policy denial says PERMISSION_DENIED (7).
+            let code = match status {
+                StatusCode::NOT_FOUND => "12",
+                StatusCode::FORBIDDEN => "7",
+                _ => "14",
             };
             resp.headers_mut()
                 .insert("grpc-status", HeaderValue::from_static(code));
