@@ -403,18 +403,14 @@ impl CompiledPolicy {
         self.source.dry_run
     }
 
-    /// True if the policy applies to workload `w` (its namespace and selector).
-    pub fn applies_to(&self, w: &Workload) -> bool {
-        self.applies(w)
-    }
-
     /// The L7 fields the policy uses (`methods`, `paths`, `when`, …); empty for a pure L4
     /// policy.
     pub fn l7_fields(&self) -> &[&'static str] {
         &self.l7_fields
     }
 
-    fn applies(&self, w: &Workload) -> bool {
+    /// True if the policy applies to workload `w` (its namespace and selector).
+    pub fn applies_to(&self, w: &Workload) -> bool {
         applies_to(
             self.source.namespace.as_deref(),
             self.source.selector.as_ref(),
@@ -626,7 +622,7 @@ fn evaluate_with(
     let mut allow_applies = false;
     let mut allowed = false;
     let facts = Facts { conn: c, peer };
-    for p in policies.iter().filter(|p| p.applies(c.dst_workload)) {
+    for p in policies.iter().filter(|p| p.applies_to(c.dst_workload)) {
         let name = p.qualified_name();
         if !p.l7_fields.is_empty() && !has_waypoint && c.request.is_none() {
             if p.source.action == Action::Audit {
