@@ -71,8 +71,9 @@ struct State {
     tokens: HashMap<String, TokenUser>,
     pods: Vec<FakePod>,
     caller_token: Option<String>,
-    reviews: usize,
+    reviews: Vec<String>,
     pod_lists: Vec<String>,
+    unavailable: bool,
 }
 
 /// The running fake; stops when dropped.
@@ -157,7 +158,17 @@ impl FakeKube {
 
     /// TokenReviews answered so far.
     pub fn reviews(&self) -> usize {
-        self.state.lock().reviews
+        self.state.lock().reviews.len()
+    }
+
+    /// The tokens reviewed so far, in order.
+    pub fn reviewed_tokens(&self) -> Vec<String> {
+        self.state.lock().reviews.clone()
+    }
+
+    /// While set, every call gets 500, as from an API server in trouble.
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.state.lock().unavailable = unavailable;
     }
 
     /// Nodes whose pods were listed, in order.
@@ -187,6 +198,12 @@ async fn serve(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<By
             .and_then(|v| v.strip_prefix("Bearer "));
         st.caller_token.as_deref() == presented
     };
+    if state.lock().unavailable {
+        return reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"kind": "Status", "code": 500, "message": "etcdserver: request timed out"}),
+        );
+    }
     if !authorized {
         return reply(
             StatusCode::UNAUTHORIZED,
@@ -216,7 +233,7 @@ async fn serve(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<By
                 })
                 .unwrap_or_default();
             let mut st = state.lock();
-            st.reviews += 1;
+            st.reviews.push(token.to_string());
             let status = match st.tokens.get(token) {
                 Some(user) if wanted.iter().all(|w| user.audiences.contains(w)) => json!({
                     "authenticated": true,

@@ -45,6 +45,11 @@ fn node_netns(node: &Node) -> PathBuf {
 }
 
 fn lab() -> Result<Lab> {
+    lab_with(&[])
+}
+
+/// The lab, with extra `ztunnel signer` arguments.
+fn lab_with(signer_args: &[&str]) -> Result<Lab> {
     let cluster = Cluster::new()?;
     let a = cluster.add_node("a")?;
     let b = cluster.add_node("b")?;
@@ -93,6 +98,10 @@ fn lab() -> Result<Lab> {
         "wp-shop",
         TokenUser::bound("shop", "shop-waypoint", aud, "shop-waypoint-0", "a"),
     );
+    kube.add_token(
+        "zt-a-rotated",
+        TokenUser::bound("ambit-system", "ztunnel", aud, "ztunnel-a", "a"),
+    );
     kube.set_pods(
         cluster
             .pods()
@@ -112,6 +121,7 @@ fn lab() -> Result<Lab> {
             .args(["--kube-url", &kube.url(), "--kube-token-file"])
             .arg(&own_token)
             .args(["--trust-domain", TRUST_DOMAIN])
+            .args(signer_args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1"),
     )?;
@@ -337,6 +347,12 @@ fn signer_grants_node_pods_and_own_identities_and_refuses_everything_else() -> R
     assert_eq!(lab.kube.reviews(), 10);
     assert!(lab.kube.pod_lists().iter().any(|n| n == "a"));
     assert!(lab.kube.pod_lists().iter().any(|n| n == "b"));
+
+    // An API server in trouble: 503, nothing signed.
+    lab.kube.set_unavailable(true);
+    let down = lab.on_a(async { obtain(&zt_a, web, day).await })?;
+    assert_eq!(down.expect_err("API server down").0, 503);
+    assert_eq!(lab.signer_lines("certificate signed").len(), 3);
     Ok(())
 }
 
@@ -364,7 +380,8 @@ fn http_get(from: &Pod, to: &Pod) -> Result<String> {
 #[test]
 fn ztunnel_with_signer_serves_traffic_with_leaves_from_the_signers_ca() -> Result<()> {
     harness::skip_or_fail!(Ok(()));
-    let lab = lab()?;
+    // 1 min leaves (+1 min back-dating): renewed at half of the 2 min left, from the signer.
+    let lab = lab_with(&["--max-ttl", "1m"])?;
     let _web_app = lab
         .web
         .spawn_testapp(&["http", "--listen", "0.0.0.0:8080", "--name", "web"])?;
@@ -415,7 +432,7 @@ fn ztunnel_with_signer_serves_traffic_with_leaves_from_the_signers_ca() -> Resul
     for c in certs {
         assert_eq!(c["issuer"].as_str(), Some(issuer.subject.as_str()), "{c}");
         let left = c["secondsToExpiry"].as_i64().context("expiry")?;
-        assert!(left <= 3600, "leaf lives {left}s: the signer caps at 1 h");
+        assert!(left <= 120, "leaf lives {left}s: the signer caps at 1 min");
     }
     let cluster_issuer = {
         let path = lab.cluster.ca_dir().join("issuer.pem");
@@ -441,5 +458,100 @@ fn ztunnel_with_signer_serves_traffic_with_leaves_from_the_signers_ca() -> Resul
             .iter()
             .any(|v| message(v) == Some("trust bundle fetched from the signer"))
     );
+
+    // kubelet rotates the token: the renewal at half-life re-reads the file.
+    std::fs::write(&token, "zt-a-rotated\n")?;
+    let web_id = "spiffe://cluster.local/ns/shop/sa/web";
+    let renewed = zt.wait_for_log(Duration::from_secs(120), |v| {
+        message(v) == Some("renewed workload certificate") && field_str(v, "identity") == web_id
+    })?;
+    assert_eq!(field_str(&renewed, "reason"), "half_life");
+    assert!(
+        lab.kube
+            .reviewed_tokens()
+            .iter()
+            .any(|t| t == "zt-a-rotated")
+    );
+    let dump = curl_json(&lab.a, "http://127.0.0.1:15000/config_dump")?;
+    let web_cert = dump["certificates"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["identity"] == web_id))
+        .context("web certificate")?;
+    assert!(web_cert["generation"].as_u64() >= Some(2), "{web_cert}");
+    assert_eq!(web_cert["issuer"].as_str(), Some(issuer.subject.as_str()));
+    // New connections use the renewed certificates.
+    assert_eq!(http_get(&lab.client, &lab.web)?, "hello from web\n");
+    Ok(())
+}
+
+/// Starts the real waypoint binary in node `a`'s namespace (where the signer is reachable)
+/// as `shop/<service account>`, authenticating with `token`.
+fn start_waypoint(lab: &Lab, service_account: &str, token: &str) -> Result<Proc> {
+    let token = write_token(&lab.cluster, &format!("waypoint-{service_account}"), token)?;
+    let any = "127.0.0.1:0";
+    lab.a.spawn(
+        lab.a
+            .command(harness::bin_path("waypoint")?)
+            .arg("run")
+            .arg("--config")
+            .arg(lab.cluster.config_path())
+            .args(["--name", "shop-waypoint", "--namespace", "shop"])
+            .args(["--service-account", service_account])
+            .args(["--signer", SIGNER_URL, "--signer-ca"])
+            .arg(lab.bundle())
+            .arg("--token-file")
+            .arg(token)
+            .args([
+                "--listen",
+                any,
+                "--metrics-addr",
+                any,
+                "--readiness-addr",
+                any,
+            ])
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1"),
+    )
+}
+
+#[test]
+fn waypoint_binary_obtains_its_own_identity_and_is_refused_another() -> Result<()> {
+    harness::skip_or_fail!(Ok(()));
+    let lab = lab()?;
+    let own = "spiffe://cluster.local/ns/shop/sa/shop-waypoint";
+    let wp = start_waypoint(&lab, "shop-waypoint", "wp-shop")?;
+    wp.log()
+        .wait_for(0, LONG, |l| {
+            l.json.as_ref().and_then(message) == Some("waypoint ready")
+        })
+        .with_context(|| format!("waypoint did not start:\n{}", wp.log().tail(30)))?;
+    let issued = wp.log().wait_for(0, LONG, |l| {
+        l.json.as_ref().and_then(message) == Some("issued workload certificate")
+    })?;
+    let issued = issued.json.context("json")?;
+    assert_eq!(field_str(&issued, "identity"), own);
+    let signed = lab.signer_lines("certificate signed");
+    assert_eq!(signed.len(), 1, "{signed:#?}");
+    assert!(
+        signed[0].contains("system:serviceaccount:shop:shop-waypoint") && signed[0].contains(own)
+    );
+
+    // The same token for another service account's identity: refused, and the waypoint
+    // does not start without a certificate.
+    let mut other = start_waypoint(&lab, "web", "wp-shop")?;
+    let status = other.wait(LONG)?;
+    assert!(
+        !status.success(),
+        "a waypoint without its certificate must not run"
+    );
+    let text = other.output_text();
+    assert!(
+        text.contains("403") && text.contains("its own identity"),
+        "{text}"
+    );
+    let denied = lab.signer_lines("identity refused");
+    assert_eq!(denied.len(), 1, "{denied:#?}");
+    assert!(denied[0].contains("spiffe://cluster.local/ns/shop/sa/web"));
     Ok(())
 }
