@@ -13,6 +13,11 @@
 //! one, if it does not load, and a new issuer is refused unless the bundle trusts it.
 //! [`warn_expiring`] logs, rate-limited, any certificate close to expiry.
 //!
+//! Certificates come from a [`CertificateSource`]: the local CA in file mode, or the
+//! central signer ([`crate::signer::client::RemoteSigner`], `--signer`), which caps their
+//! lifetime, keeps its issuer to itself and sends the trust bundle with every certificate.
+//! [`watch_ca`] only applies to the local CA.
+//!
 //! The node tunnel manages one certificate per local workload identity; the waypoint
 //! manages one, its own. Metrics stay with each binary: they observe renewals and reloads
 //! through [`CertEvents`].
