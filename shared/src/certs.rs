@@ -449,8 +449,10 @@ impl Certificates {
         events: Arc<dyn CertEvents>,
     ) -> Result<Self, crate::signer::client::SignerError> {
         let (signer, bundle) = crate::signer::client::RemoteSigner::connect(config).await?;
+        let signer = Arc::new(signer);
+        tokio::spawn(signer.clone().watch_bundle(events.clone()));
         Ok(Certificates {
-            certs: CertManager::new(Arc::new(signer), ttl, events),
+            certs: CertManager::new(signer, ttl, events),
             issuer: None,
             bundle,
         })

@@ -459,6 +459,15 @@ fn ztunnel_with_signer_serves_traffic_with_leaves_from_the_signers_ca() -> Resul
             .any(|v| message(v) == Some("trust bundle fetched from the signer"))
     );
 
+    // Rotation step 1 at the signer (a second root in its bundle) reaches the node tunnel.
+    let dir = lab.signer_ca.display().to_string();
+    harness::ztunnel::cli(&["ca", "add-root", "--dir", &dir])?;
+    zt.wait_for_log(LONG, |v| {
+        message(v) == Some("trust bundle changed at the signer; new bundle in force")
+    })?;
+    let dump = curl_json(&lab.a, "http://127.0.0.1:15000/config_dump")?;
+    assert_eq!(dump["trustBundle"].as_array().map(Vec::len), Some(2));
+
     // kubelet rotates the token: the renewal at half-life re-reads the file.
     std::fs::write(&token, "zt-a-rotated\n")?;
     let web_id = "spiffe://cluster.local/ns/shop/sa/web";

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::csr::{self, CsrError};
 use super::http::{Endpoint, HttpError, client_config_with_roots};
@@ -24,6 +24,9 @@ use crate::tls::{self, CertInfo, SharedBundle, TrustBundle, WorkloadCert};
 
 /// How long one request to the signer may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the trust bundle is re-fetched between certificates, so a root added or
+/// removed at the signer (a rotation step) reaches every proxy within this time.
+pub const BUNDLE_POLL: Duration = Duration::from_secs(10);
 
 /// Why the signer gave no certificate.
 #[derive(Debug, thiserror::Error)]
@@ -94,14 +97,9 @@ impl RemoteSigner {
             REQUEST_TIMEOUT,
             MAX_BODY,
         )?;
-        let (status, body) = endpoint.send(Method::GET, BUNDLE_PATH, None, None).await?;
-        if status != StatusCode::OK {
-            return Err(refusal(status, &body));
-        }
-        let answer: BundleResponse = serde_json::from_slice(&body)
-            .map_err(|e| SignerError::BadResponse(format!("bundle: {e}")))?;
-        let bundle = SharedBundle::new(parse_bundle(&answer.roots)?);
-        info!(signer = %config.url, roots = answer.roots.len(), "trust bundle fetched from the signer");
+        let roots = fetch_bundle(&endpoint).await?;
+        info!(signer = %config.url, roots = roots.roots().len(), "trust bundle fetched from the signer");
+        let bundle = SharedBundle::new(roots);
         Ok((
             RemoteSigner {
                 endpoint,
@@ -157,13 +155,7 @@ impl RemoteSigner {
         tls::verify_chain(&roots, &chain, tls::KeyUsage::client_auth()).map_err(|e| {
             SignerError::BadResponse(format!("chain does not reach the roots sent with it: {e}"))
         })?;
-        if roots.roots() != self.bundle.current().roots() {
-            info!(
-                roots = roots.roots().len(),
-                "trust bundle changed at the signer; new bundle in force"
-            );
-            self.bundle.replace(roots);
-        }
+        self.put_in_force(roots);
         let info = CertInfo::parse(leaf).map_err(|e| SignerError::BadResponse(e.to_string()))?;
         let issued = IssuedCert {
             identity: identity.clone(),
@@ -174,6 +166,54 @@ impl RemoteSigner {
         };
         WorkloadCert::from_issued(issued).map_err(|e| SignerError::BadResponse(e.to_string()))
     }
+}
+
+impl RemoteSigner {
+    /// Re-fetches the trust bundle every [`BUNDLE_POLL`] and puts a changed one in force;
+    /// a failed fetch keeps the current one. Runs until the task is dropped.
+    pub async fn watch_bundle(
+        self: std::sync::Arc<Self>,
+        events: std::sync::Arc<dyn crate::certs::CertEvents>,
+    ) {
+        let mut tick = tokio::time::interval(BUNDLE_POLL);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match fetch_bundle(&self.endpoint).await {
+                Ok(roots) => {
+                    if self.put_in_force(roots) {
+                        events.ca_reload(crate::certs::CaFile::Bundle, true);
+                    }
+                }
+                Err(e) => {
+                    warn!(signer = %self.endpoint.url(), error = %e, "fetching the trust bundle failed; keeping the current one");
+                }
+            }
+        }
+    }
+
+    /// Replaces the bundle if `roots` differ; true if it did.
+    fn put_in_force(&self, roots: TrustBundle) -> bool {
+        if roots.roots() == self.bundle.current().roots() {
+            return false;
+        }
+        info!(
+            roots = roots.roots().len(),
+            "trust bundle changed at the signer; new bundle in force"
+        );
+        self.bundle.replace(roots);
+        true
+    }
+}
+
+async fn fetch_bundle(endpoint: &Endpoint) -> Result<TrustBundle, SignerError> {
+    let (status, body) = endpoint.send(Method::GET, BUNDLE_PATH, None, None).await?;
+    if status != StatusCode::OK {
+        return Err(refusal(status, &body));
+    }
+    let answer: BundleResponse = serde_json::from_slice(&body)
+        .map_err(|e| SignerError::BadResponse(format!("bundle: {e}")))?;
+    parse_bundle(&answer.roots)
 }
 
 impl CertificateSource for RemoteSigner {
