@@ -47,6 +47,7 @@
 //! - [`ztunnel`]: the [`Ztunnel`] handle and its JSON logs.
 //! - [`config`]: the typed YAML config that ztunnel reads.
 //! - [`capture`]: tcpdump captures and pcap helpers.
+//! - [`token_review`]: a fake API server (TokenReview, pods by node) for the signer.
 
 pub mod capture;
 pub mod cgroup;
@@ -55,6 +56,7 @@ pub mod config;
 pub mod netns;
 pub mod process;
 pub mod skip;
+pub mod token_review;
 pub mod ztunnel;
 
 mod sys;

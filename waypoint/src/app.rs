@@ -37,8 +37,10 @@ pub struct Settings {
     /// Its service account, which its identity is derived from. `None`: the
     /// `serviceAccount` of its entry under `waypoints` in the config, else its name.
     pub service_account: Option<String>,
-    /// Local CA directory (file/dev mode).
+    /// Local CA directory (file/dev mode); unused with a central signer.
     pub ca_dir: PathBuf,
+    /// The central signer; the certificate comes from the local CA when `None`.
+    pub signer: Option<ambit_shared::signer::client::SignerConfig>,
     /// Certificate lifetime.
     pub cert_ttl: Duration,
     /// HBONE listener.
@@ -125,10 +127,14 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     }
 
     let ca_paths = CaPaths::new(&settings.ca_dir);
-    let certificates = Certificates::load_local(&ca_paths, settings.cert_ttl, metrics.clone())?;
+    let certificates = match &settings.signer {
+        None => Certificates::load_local(&ca_paths, settings.cert_ttl, metrics.clone())?,
+        Some(signer) => certs::connect_signer(signer, settings.cert_ttl, metrics.clone()).await,
+    };
     let cert = certificates
         .certs
         .get(&identity)
+        .await
         .context("issuing the waypoint's certificate")?;
     Metrics::register_expiry(&mut registry, certificates.clone());
     tokio::spawn(certs::watch_ca(
