@@ -4,7 +4,8 @@
 //! - `ws --to ADDR --messages N [--await-close-secs S]`: opens a WebSocket, sends N binary
 //!   messages of varying sizes and checks each echo byte for byte; then, with
 //!   `--await-close-secs`, waits for the server's Close, answers it, and reports the code
-//!   and whether the connection then ended cleanly (EOF) or was reset.
+//!   and whether the connection then ended cleanly (EOF) or was reset. `--pause-secs`
+//!   idles the connection halfway; `--h2` opens it with HTTP/2 extended CONNECT.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -42,7 +43,18 @@ pub struct ClientArgs {
     await_close_secs: Option<u64>,
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// Halfway through the messages, stay silent this long (idle-timeout tests).
+    #[arg(long, default_value_t = 0)]
+    pause_secs: u64,
+    /// Open the WebSocket with HTTP/2 extended CONNECT (RFC 8441) over h2c instead of an
+    /// HTTP/1.1 upgrade.
+    #[arg(long)]
+    h2: bool,
 }
+
+/// Anything a WebSocket runs over: a TCP connection or an upgraded HTTP/2 stream.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// The echo server; runs until killed.
 pub async fn echo_server(args: EchoArgs) -> ExitCode {
@@ -124,36 +136,20 @@ pub async fn client(args: ClientArgs) -> ExitCode {
 }
 
 async fn run_client(args: &ClientArgs, report: &mut serde_json::Value) -> Result<(), String> {
-    let mut stream = TcpStream::connect(&args.to)
-        .await
-        .map_err(|e| format!("connect {}: {e}", args.to))?;
-    let _ = stream.set_nodelay(true);
-    let mut key_bytes = [0u8; 16];
-    fill(&mut key_bytes, std::process::id() as u64);
-    let key = base64(&key_bytes);
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        args.path, args.host
-    );
-    stream
-        .write_all(req.as_bytes())
-        .await
-        .map_err(|e| format!("handshake write: {e}"))?;
-    let head = read_head(&mut stream).await?;
-    let status = head.lines().next().unwrap_or_default().to_string();
-    if !status.contains(" 101 ") {
-        return Err(format!("handshake: {status}"));
-    }
-    let accept = header(&head, "sec-websocket-accept").unwrap_or_default();
-    if accept != accept_key(&key) {
-        return Err(format!("bad Sec-WebSocket-Accept {accept:?}"));
-    }
+    let mut stream = if args.h2 {
+        open_h2(args).await?
+    } else {
+        open_h1(args).await?
+    };
     let mut echoed = 0usize;
     let mut mismatched = 0usize;
     let mut bytes = 0u64;
     let mut seed = 0x5eed_u64;
     for i in 0..args.messages {
+        if i == args.messages / 2 && args.pause_secs > 0 {
+            eprintln!("pausing {}s", args.pause_secs);
+            tokio::time::sleep(Duration::from_secs(args.pause_secs)).await;
+        }
         // Sizes from 1 byte to ~70 KiB, crossing the 7-bit and 16-bit length forms.
         seed = seed
             .wrapping_mul(6364136223846793005)
@@ -219,6 +215,83 @@ async fn run_client(args: &ClientArgs, report: &mut serde_json::Value) -> Result
         Err(_) => "still open".to_string(),
     });
     Ok(())
+}
+
+/// The RFC 6455 opening handshake over a new TCP connection.
+async fn open_h1(args: &ClientArgs) -> Result<Box<dyn Io>, String> {
+    let mut stream = TcpStream::connect(&args.to)
+        .await
+        .map_err(|e| format!("connect {}: {e}", args.to))?;
+    let _ = stream.set_nodelay(true);
+    let mut key_bytes = [0u8; 16];
+    fill(&mut key_bytes, std::process::id() as u64);
+    let key = base64(&key_bytes);
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        args.path, args.host
+    );
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("handshake write: {e}"))?;
+    let head = read_head(&mut stream).await?;
+    let status = head.lines().next().unwrap_or_default().to_string();
+    if !status.contains(" 101 ") {
+        return Err(format!("handshake: {status}"));
+    }
+    let accept = header(&head, "sec-websocket-accept").unwrap_or_default();
+    if accept != accept_key(&key) {
+        return Err(format!("bad Sec-WebSocket-Accept {accept:?}"));
+    }
+    Ok(Box::new(stream))
+}
+
+/// RFC 8441: a CONNECT with `:protocol websocket` on an h2c connection; 200 opens it.
+async fn open_h2(args: &ClientArgs) -> Result<Box<dyn Io>, String> {
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let tcp = TcpStream::connect(&args.to)
+        .await
+        .map_err(|e| format!("connect {}: {e}", args.to))?;
+    let _ = tcp.set_nodelay(true);
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("h2 handshake: {e}"))?;
+    tokio::spawn(conn);
+    let uri = format!("http://{}{}", args.host, args.path);
+    // The server's SETTINGS (which enable extended CONNECT) may not have arrived yet; h2
+    // refuses to send such a request until they have, without sending anything.
+    let mut last = String::new();
+    for _ in 0..100 {
+        let mut req = hyper::Request::builder()
+            .method(hyper::Method::CONNECT)
+            .uri(&uri)
+            .header("sec-websocket-version", "13")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| format!("request: {e}"))?;
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        match send.send_request(req).await {
+            Ok(mut resp) => {
+                if resp.status() != hyper::StatusCode::OK {
+                    return Err(format!("extended CONNECT: status {}", resp.status()));
+                }
+                let up = hyper::upgrade::on(&mut resp)
+                    .await
+                    .map_err(|e| format!("upgrade: {e}"))?;
+                return Ok(Box::new(TokioIo::new(up)));
+            }
+            Err(e) if !send.is_closed() => {
+                last = e.to_string();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(format!("extended CONNECT: {e}")),
+        }
+    }
+    Err(format!("extended CONNECT never allowed: {last}"))
 }
 
 fn close_code(payload: &[u8]) -> Option<u16> {

@@ -270,6 +270,69 @@ fn websocket_echoes_ten_thousand_messages() -> Result<()> {
     Ok(())
 }
 
+/// Idle longer than every timer on the path that could cut it: the HTTP/1.1 header-read
+/// timeout (30 s) and the pools' idle timeouts (60 s).
+#[test]
+fn an_idle_websocket_is_not_cut() -> Result<()> {
+    harness::skip_or_fail!(Ok(()));
+    let (_serial, w) = setup(1)?;
+    let v = w.client.run_testapp(
+        &[
+            "ws",
+            "--to",
+            &w.ws_vip,
+            "--host",
+            "ws.shop",
+            "--messages",
+            "100",
+            "--pause-secs",
+            "75",
+            "--timeout-secs",
+            "200",
+        ],
+        Duration::from_secs(300),
+    )?;
+    eprintln!("websocket idle for 75 s: {v}");
+    ensure!(v.get("error").is_none(), "client failed: {v}");
+    ensure!(u(&v, "echoed") == 100, "echoes: {v}");
+    Ok(())
+}
+
+#[test]
+fn websocket_over_http2_extended_connect() -> Result<()> {
+    harness::skip_or_fail!(Ok(()));
+    let (_serial, w) = setup(1)?;
+    let v = w.client.run_testapp(
+        &[
+            "ws",
+            "--h2",
+            "--to",
+            &w.ws_vip,
+            "--host",
+            "ws.shop",
+            "--messages",
+            "1000",
+        ],
+        Duration::from_secs(300),
+    )?;
+    eprintln!("websocket over h2: {v}");
+    ensure!(v.get("error").is_none(), "client failed: {v}");
+    ensure!(u(&v, "echoed") == 1000, "echoes: {v}");
+    ensure!(u(&v, "mismatched") == 0, "mismatches: {v}");
+    // The waypoint answered the extended CONNECT with 200 after the backend's 101.
+    let opened = w
+        .access_lines()
+        .into_iter()
+        .filter(|l| field_str(l, "destination") == "shop/ws")
+        .filter(|l| harness::ztunnel::field(l, "status").and_then(Value::as_u64) == Some(200))
+        .count();
+    ensure!(
+        opened == 1,
+        "want one extended CONNECT in the access log, got {opened}"
+    );
+    Ok(())
+}
+
 // === 2. rolling restart under load ===
 
 #[test]
@@ -431,7 +494,7 @@ fn ten_thousand_idle_connections_and_a_thousand_rps() -> Result<()> {
             "--rps",
             "1000",
             "--concurrency",
-            "50",
+            "200",
             "--duration-secs",
             "10",
         ],
@@ -445,7 +508,8 @@ fn ten_thousand_idle_connections_and_a_thousand_rps() -> Result<()> {
         .find(|l| l.starts_with("VmRSS:"))
         .unwrap_or("VmRSS: unknown")
         .to_string();
-    eprintln!("load: {load}");
+    let rate = u(&load, "sent") as f64 * 1000.0 / u(&load, "elapsed_ms").max(1) as f64;
+    eprintln!("load (asked 1000 rps, achieved {rate:.0} rps): {load}");
     eprintln!("waypoint with 10,000 idle connections after 1,000 rps: {rss}");
     std::fs::write(&flag, b"done")?;
     let mut hold = hold;
