@@ -29,6 +29,9 @@
 //!   ok/refused/reset/timeout/eof/unreachable/error. Always exit 0.
 //! - `http-load --to ADDR --requests N [--concurrency C] [--h2c] ...`: N requests,
 //!   counted per status and per body (`statuses`, `bodies`, `errors`, `connections`).
+//! - `ws-echo`, `ws`: WebSocket echo server and client (see [`ws`]).
+//! - `steady-load`, `hold`: paced load that survives drains, and many idle connections
+//!   (see [`steady`]).
 //! - `grpc --to ADDR --calls N --method unary|stream [--stream-messages M]`: real gRPC
 //!   over h2c; counts per server name and per `grpc-status`.
 
@@ -38,6 +41,10 @@ mod frames;
 mod grpc;
 #[path = "testapp_load.rs"]
 mod load;
+#[path = "testapp_steady.rs"]
+mod steady;
+#[path = "testapp_ws.rs"]
+mod ws;
 
 use std::convert::Infallible;
 use std::io::ErrorKind;
@@ -191,6 +198,14 @@ enum Cmd {
         #[arg(long)]
         hold: bool,
     },
+    /// WebSocket echo server.
+    WsEcho(ws::EchoArgs),
+    /// WebSocket client: echoes N messages, optionally waits for the server's Close.
+    Ws(ws::ClientArgs),
+    /// Paced HTTP load for a duration, reconnecting when the server closes.
+    SteadyLoad(steady::LoadArgs),
+    /// Holds N h2c connections open until a file appears.
+    Hold(steady::HoldArgs),
 }
 
 /// xorshift64*: fast, deterministic, and good enough to defeat any
@@ -315,6 +330,10 @@ fn main() -> ExitCode {
                 send,
                 hold,
             } => connect(&to, secs(timeout_secs), send.as_deref(), hold).await,
+            Cmd::WsEcho(args) => ws::echo_server(args).await,
+            Cmd::Ws(args) => ws::client(args).await,
+            Cmd::SteadyLoad(args) => steady::load(args).await,
+            Cmd::Hold(args) => steady::hold(args).await,
         }
     })
 }

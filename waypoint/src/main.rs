@@ -83,9 +83,14 @@ struct RunArgs {
     /// Readiness (`/healthz/ready`).
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
-    /// On SIGTERM, how long open connections may take to finish.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    drain_grace: Duration,
+    /// On SIGTERM, how long open connections may take to finish before the waypoint exits
+    /// anyway. WebSockets are told to close (1001) at once; HTTP/2 clients get GOAWAY.
+    #[arg(long, alias = "drain-grace", default_value = "20s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Close an upgraded stream (WebSocket, extended CONNECT) that moves no bytes for this
+    /// long, e.g. 1h. Default: never.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
     /// Bound on connecting to an endpoint (TCP, TLS and HBONE).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
@@ -110,11 +115,28 @@ struct RunArgs {
     pool_max_streams: usize,
 }
 
+/// Every connection costs a descriptor (two when forwarded): the soft limit (often 1024)
+/// would cap the waypoint long before memory does, so it is raised to the hard limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "could not raise the open-files limit")
+            }
+        },
+        Ok((soft, _)) => tracing::info!(limit = soft, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not read the open-files limit"),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Logs to stderr, filtered by `RUST_LOG` (default `info`).
     ambit_shared::logging::init(matches!(cli.log_format, LogFormat::Json));
     let Command::Run(args) = cli.command;
+    raise_fd_limit();
     let signer = match (args.signer, &args.signer_ca, &args.ca_dir) {
         (None, _, _) => None,
         (Some(url), ca, dir) => Some(ambit_shared::signer::client::SignerConfig {
@@ -140,7 +162,7 @@ fn main() -> anyhow::Result<()> {
         listen: args.listen,
         metrics_addr: args.metrics_addr,
         readiness_addr: args.readiness_addr,
-        drain_grace: args.drain_grace,
+        drain_grace: args.drain_timeout,
         pool: PoolConfig {
             max_streams_per_conn: args.pool_max_streams.max(1),
             idle_timeout: args.pool_idle_timeout,
@@ -159,6 +181,7 @@ fn main() -> anyhow::Result<()> {
             detect_timeout: args.protocol_detect_timeout,
             max_header_bytes: args.max_header_bytes,
             max_concurrent_streams: args.max_concurrent_streams.max(1),
+            idle_timeout: args.idle_timeout,
             ..Default::default()
         },
     };

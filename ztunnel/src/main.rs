@@ -287,6 +287,23 @@ fn print_cert(what: &str, c: &CertInfo, now: time::OffsetDateTime) {
     );
 }
 
+/// Each captured connection costs two descriptors (client and upstream): the soft limit
+/// (often 1024) would cap a node's connections long before memory does, so it is raised to
+/// the hard limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "could not raise the open-files limit")
+            }
+        },
+        Ok((soft, _)) => tracing::info!(limit = soft, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not read the open-files limit"),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Logs to stderr, filtered by `RUST_LOG` (default `info`); `log` changes the filter.
@@ -420,6 +437,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => {
             let args = *args;
+            raise_fd_limit();
             let signer = args.signer.config(args.ca_dir.as_deref())?;
             let settings = app::Settings {
                 config: args.config,

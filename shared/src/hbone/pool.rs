@@ -82,6 +82,17 @@ struct Conn {
     idle_since: Mutex<Instant>,
 }
 
+impl Conn {
+    /// True once the peer sent GOAWAY (or the connection failed): h2 refuses new streams
+    /// from then on. Checked without waiting: with no stream pending on this handle,
+    /// `poll_ready` only reports the connection's state.
+    fn going_away(&self) -> bool {
+        let mut send = self.send.clone();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        matches!(send.poll_ready(&mut cx), std::task::Poll::Ready(Err(_)))
+    }
+}
+
 /// Counts a stream against its connection for as long as the stream lives.
 struct StreamGuard(Arc<Conn>);
 
@@ -165,6 +176,17 @@ impl Pool {
         let conns = self.inner.conns.lock();
         conns.get(key)?.iter().find_map(|c| {
             if c.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            if c.going_away() {
+                // The peer is draining (GOAWAY): its open streams finish, new ones go to
+                // a fresh connection, which a draining peer refuses, so the caller moves
+                // on to another replica.
+                debug!(
+                    conn = c.id,
+                    "pooled HBONE connection received GOAWAY; not reused"
+                );
+                c.closed.store(true, Ordering::Release);
                 return None;
             }
             c.active
@@ -282,5 +304,89 @@ async fn reap(inner: Weak<Inner>) {
             .dial_locks
             .lock()
             .retain(|k, lock| conns.contains_key(k) || Arc::strong_count(lock) > 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hbone::server;
+
+    fn key() -> PoolKey {
+        PoolKey {
+            src: Identity::new("td", "ns", "a").expect("identity"),
+            dst: Identity::new("td", "ns", "b").expect("identity"),
+            addr: SocketAddr::from(([127, 0, 0, 1], 15008)),
+            cert_generation: 0,
+        }
+    }
+
+    fn connect() -> Request<()> {
+        let mut req = Request::new(());
+        *req.method_mut() = http::Method::CONNECT;
+        *req.uri_mut() = "10.0.0.1:80".parse().expect("authority");
+        req
+    }
+
+    /// A dial to an in-memory HBONE server that accepts every stream and sends GOAWAY once
+    /// `shutdown` fires.
+    fn serve(shutdown: tokio::sync::oneshot::Receiver<()>) -> tokio::io::DuplexStream {
+        let (client, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(server::serve_with_shutdown(
+            server_io,
+            |incoming| async move {
+                if let Ok(mut s) = incoming.accept() {
+                    let _ = tokio::io::AsyncReadExt::read(&mut s, &mut [0u8; 1]).await;
+                }
+            },
+            async move {
+                let _ = shutdown.await;
+            },
+        ));
+        client
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_received_goaway_gets_no_new_streams() {
+        let pool = Pool::new(PoolConfig::default());
+        let dials = Arc::new(AtomicUsize::new(0));
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let counted = dials.clone();
+        let first = pool
+            .open(key(), connect(), move || async move {
+                counted.fetch_add(1, Ordering::AcqRel);
+                Ok::<_, Error>(serve(stopped))
+            })
+            .await
+            .expect("first stream");
+        drop(first);
+        // Reused while the peer is not draining.
+        let second = pool
+            .open(key(), connect(), || async {
+                Err::<tokio::io::DuplexStream, _>(Error::Timeout(key().addr))
+            })
+            .await
+            .expect("reused connection");
+        drop(second);
+        assert_eq!(dials.load(Ordering::Acquire), 1);
+
+        stop.send(()).expect("server running");
+        // Give the client's connection task time to read the GOAWAY.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (_keep, fresh) = tokio::sync::oneshot::channel();
+        let counted = dials.clone();
+        let third = pool
+            .open(key(), connect(), move || async move {
+                counted.fetch_add(1, Ordering::AcqRel);
+                Ok::<_, Error>(serve(fresh))
+            })
+            .await
+            .expect("stream on a new connection");
+        assert_eq!(
+            dials.load(Ordering::Acquire),
+            2,
+            "the GOAWAY'd connection was reused"
+        );
+        drop(third);
     }
 }

@@ -15,8 +15,9 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ambit_shared::config::index::Snapshot;
 use ambit_shared::drain::DrainWatcher;
@@ -32,7 +33,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
 
-use super::Downstream;
+use super::{Downstream, upgrade};
 use crate::filters::{self, Decision, Filter};
 use crate::metrics::{Peers, RequestOutcome};
 use crate::route::{BackendRef, Route, RouteRequest, Target};
@@ -53,8 +54,13 @@ const H2_MAX_SEND_BUF: usize = 1024 * 1024;
 /// Resets a client may provoke before the connection is closed (rapid-reset defence).
 const H2_MAX_PENDING_RESETS: usize = 100;
 
-/// Serves HTTP/1.1 (keep-alive) on a tunnel until the client closes it or a drain ends it
-/// after the request in progress.
+/// Serves HTTP/1.1 (keep-alive, upgrades) on a tunnel until the client closes it or a
+/// drain ends it.
+///
+/// On drain: a request in flight, and any that arrives, is answered with
+/// `Connection: close` and the connection closes after it; a connection that stays idle for
+/// [`super::ListenerConfig::drain_idle_close`] is closed. Closing only a connection that
+/// has been idle a while keeps a client that sends steadily from racing our close.
 pub async fn serve_http1<IO>(io: IO, down: Arc<Downstream>, drain: DrainWatcher)
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -68,18 +74,77 @@ where
         // hyper refuses buffers under 8 KiB.
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .max_headers(cfg.max_headers);
-    let svc = service(down.clone(), Version::HTTP_11);
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    let activity = Arc::new(ConnActivity::default());
+    let svc = service(
+        down.clone(),
+        Version::HTTP_11,
+        drain.clone(),
+        Some(activity.clone()),
+    );
+    let conn = builder
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
     let mut conn = std::pin::pin!(conn);
+    let idle_close = cfg.drain_idle_close;
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        () = drain.signaled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
+        () = drain.signaled() => loop {
+            let wait = idle_close.saturating_sub(activity.idle_for()).max(Duration::from_millis(50));
+            tokio::select! {
+                r = conn.as_mut() => break r,
+                () = tokio::time::sleep(wait) => {
+                    if activity.idle_for() >= idle_close {
+                        conn.as_mut().graceful_shutdown();
+                        break conn.await;
+                    }
+                }
+            }
+        },
     };
     if let Err(e) = result {
         debug!(error = %e, "HTTP/1 connection ended with an error");
+    }
+}
+
+/// Requests in flight on one HTTP/1 connection and when the last one ended, so a drain
+/// can tell an idle connection from a busy one.
+#[derive(Debug)]
+struct ConnActivity {
+    in_flight: AtomicUsize,
+    since: parking_lot::Mutex<Instant>,
+}
+
+impl Default for ConnActivity {
+    fn default() -> Self {
+        ConnActivity {
+            in_flight: AtomicUsize::new(0),
+            since: parking_lot::Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl ConnActivity {
+    fn begin(self: &Arc<Self>) -> ActiveRequest {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        ActiveRequest(self.clone())
+    }
+
+    /// Zero while a request is in flight.
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        self.since.lock().elapsed()
+    }
+}
+
+/// Counts a request against its connection until its response head is handed to hyper.
+struct ActiveRequest(Arc<ConnActivity>);
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        *self.0.since.lock() = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -99,8 +164,10 @@ where
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_send_buf_size(H2_MAX_SEND_BUF)
         .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(H2_MAX_PENDING_RESETS);
-    let svc = service(down.clone(), Version::HTTP_2);
+        .max_local_error_reset_streams(H2_MAX_PENDING_RESETS)
+        // RFC 8441 extended CONNECT (WebSocket over HTTP/2); see [`super::upgrade`].
+        .enable_connect_protocol();
+    let svc = service(down.clone(), Version::HTTP_2, drain.clone(), None);
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
@@ -118,6 +185,8 @@ where
 fn service(
     down: Arc<Downstream>,
     version: Version,
+    drain: DrainWatcher,
+    activity: Option<Arc<ConnActivity>>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<ResponseBody>,
@@ -126,7 +195,21 @@ fn service(
 > {
     service_fn(move |req: Request<Incoming>| {
         let down = down.clone();
-        async move { Ok::<_, Infallible>(proxy(req, down, version).await) }
+        let drain = drain.clone();
+        let active = activity.as_ref().map(ConnActivity::begin);
+        async move {
+            let mut resp = proxy(req, down, version, &drain).await;
+            if version == Version::HTTP_11
+                && drain.is_draining()
+                && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+            {
+                // hyper closes the connection after a response that says so.
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            drop(active);
+            Ok::<_, Infallible>(resp)
+        }
     })
 }
 
@@ -143,9 +226,12 @@ async fn proxy(
     req: Request<Incoming>,
     down: Arc<Downstream>,
     version: Version,
+    drain: &DrainWatcher,
 ) -> Response<ResponseBody> {
     let start = Instant::now();
     let (mut head, body) = req.into_parts();
+    let upgrade = upgrade::requested(&head)
+        .and_then(|kind| Some((kind, head.extensions.remove::<hyper::upgrade::OnUpgrade>()?)));
     let grpc = is_grpc(&head.headers);
     let trace = head
         .headers
@@ -252,6 +338,19 @@ async fn proxy(
         .filter(|f| matches!(f, Filter::ResponseHeaderModifier(_)))
         .cloned()
         .collect();
+    if let Some((kind, on_upgrade)) = upgrade {
+        return open_upgrade(
+            &down,
+            kind,
+            on_upgrade,
+            &head,
+            &endpoints,
+            route.timeouts.request,
+            drain,
+            record,
+        )
+        .await;
+    }
     send(
         &down,
         &route,
@@ -363,6 +462,45 @@ async fn send(
                 deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             };
             Response::from_parts(parts, body.boxed_unsync())
+        }
+        Err(e) => failed(record, e),
+    }
+}
+
+/// Opens an upgraded stream (see [`upgrade`]); the route's request timeout bounds the
+/// handshake, not the stream.
+#[allow(clippy::too_many_arguments)]
+async fn open_upgrade(
+    down: &Arc<Downstream>,
+    kind: upgrade::Kind,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    head: &http::request::Parts,
+    endpoints: &[Endpoint],
+    timeout: Option<Duration>,
+    drain: &DrainWatcher,
+    mut record: Record,
+) -> Response<ResponseBody> {
+    let opened = upgrade::open(down, kind, on_upgrade, head, endpoints, drain.clone());
+    let result = match timeout {
+        Some(t) => match tokio::time::timeout(t, opened).await {
+            Ok(r) => r,
+            Err(_) => {
+                return record.local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "UT",
+                    "upstream request timeout",
+                );
+            }
+        },
+        None => opened.await,
+    };
+    match result {
+        Ok(opened) => {
+            record.endpoint = Some(opened.endpoint);
+            record.attempts = 1;
+            record.status = opened.response.status().as_u16();
+            record.complete = true;
+            opened.response
         }
         Err(e) => failed(record, e),
     }

@@ -16,6 +16,7 @@
 pub mod detect;
 pub mod http;
 pub mod tcp;
+pub mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -59,6 +60,15 @@ pub struct ListenerConfig {
     pub header_read_timeout: Duration,
     /// Concurrent HTTP/2 streams per client connection. Default 1000.
     pub max_concurrent_streams: u32,
+    /// An upgraded stream (WebSocket, extended CONNECT) that moves no bytes either way for
+    /// this long is closed. Default `None`: long-lived streams live as long as their peers
+    /// keep them open.
+    pub idle_timeout: Option<Duration>,
+    /// During a drain, an HTTP/1.1 connection idle this long is closed; requests that
+    /// arrive before that get `Connection: close` on their response. Default 1 s: long
+    /// enough that a client sending steadily is told by a response rather than racing a
+    /// close.
+    pub drain_idle_close: Duration,
 }
 
 impl Default for ListenerConfig {
@@ -70,6 +80,8 @@ impl Default for ListenerConfig {
             max_headers: 100,
             header_read_timeout: Duration::from_secs(30),
             max_concurrent_streams: 1000,
+            idle_timeout: None,
+            drain_idle_close: Duration::from_secs(1),
         }
     }
 }
