@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ambit_shared::hbone::PoolConfig;
+use ambit_waypoint::listener::plaintext::PlaintextListen;
 use ambit_waypoint::{app, listener, upstream};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -97,6 +98,10 @@ struct RunArgs {
     /// Streams per pooled HBONE connection to an endpoint's node.
     #[arg(long, default_value_t = 100)]
     pool_max_streams: usize,
+    /// Benchmarks only (repeatable): `LISTEN=VIP:PORT` serves plaintext HTTP on LISTEN as
+    /// if tunnelled to the service VIP:PORT, trusting the source address as the identity.
+    #[arg(long, value_name = "LISTEN=TARGET", hide = true)]
+    plaintext_listen: Vec<PlaintextListen>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -104,6 +109,7 @@ fn main() -> anyhow::Result<()> {
     // Logs to stderr, filtered by `RUST_LOG` (default `info`).
     ambit_shared::logging::init(matches!(cli.log_format, LogFormat::Json));
     let Command::Run(args) = cli.command;
+    let plaintext = args.plaintext_listen.clone();
     let settings = app::Settings {
         service_account: args.service_account,
         config: args.config,
@@ -141,5 +147,5 @@ fn main() -> anyhow::Result<()> {
         .thread_name("waypoint")
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(app::run(settings))
+    runtime.block_on(app::run_with(settings, plaintext))
 }
