@@ -195,7 +195,8 @@ fn targets(verdicts: &[Verdict]) -> String {
         let met = match v.met {
             Some(true) => "**yes**",
             Some(false) => "**NO**",
-            None => "not measured",
+            None if v.figure == "–" => "not measured",
+            None => "no verdict",
         };
         let _ = writeln!(out, "| {} | {} | {met} |", v.target, v.figure);
     }
@@ -342,11 +343,34 @@ pub fn verdicts_l7(results: &[ScenarioResult]) -> Vec<Verdict> {
             "waypoint p99 ≤ Envoy's at a fixed rate ({})",
             r.id.trim_start_matches("l7-latency-")
         );
+        // A proxy that could not keep up with the rate was starved, not slow: its
+        // percentiles measure the queue, so no verdict.
+        let starved: Vec<&str> = [wp, envoy]
+            .into_iter()
+            .filter(|k| {
+                r.samples
+                    .get(k)
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s.notes.iter().any(|n| n.starts_with("achieved only")))
+            })
+            .map(Kind::name)
+            .collect();
         v.push(match (r.median(wp, "p99_us"), r.median(envoy, "p99_us")) {
+            (Some(w), Some(e)) if starved.is_empty() => Verdict {
+                target: name,
+                figure: format!("{} vs {} µs", fmt(w, 0), fmt(e, 0)),
+                met: Some(w <= e),
+            },
             (Some(w), Some(e)) => Verdict {
                 target: name,
-                figure: format!("{w:.0} vs {e:.0} µs"),
-                met: Some(w <= e),
+                figure: format!(
+                    "{} vs {} µs, but {} fell short of the rate (CPU-starved): no verdict",
+                    fmt(w, 0),
+                    fmt(e, 0),
+                    starved.join(" and ")
+                ),
+                met: None,
             },
             _ => unmeasured(&name),
         });
