@@ -8,7 +8,10 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::hbone::H2Stream;
 
 /// Buffers start small so idle connections cost little, and grow for bulk transfers.
 const INITIAL_BUFFER: usize = 1024;
@@ -82,6 +85,74 @@ where
     result.and(shutdown.or_else(|e| if is_closed(&e) { Ok(()) } else { Err(e) }))
 }
 
+/// Copies `stream` ⇄ `tunnel` like [`bidirectional`], moving whole buffers in and out of
+/// the HBONE stream instead of copying through slices: reads from `stream` land in a
+/// buffer that is handed to h2 as it is, and the chunks h2 received are written to `stream`
+/// as they are. `to_tunnel` and `from_tunnel` count the bytes each way.
+pub async fn tunnel<S>(
+    stream: S,
+    tunnel: H2Stream,
+    to_tunnel: &AtomicU64,
+    from_tunnel: &AtomicU64,
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send,
+{
+    let (mut s_read, mut s_write) = tokio::io::split(stream);
+    let (mut send, mut recv) = tunnel.into_halves();
+    let up = async {
+        let mut buf = BytesMut::with_capacity(INITIAL_BUFFER);
+        let mut size = INITIAL_BUFFER;
+        let mut total = 0u64;
+        let result = loop {
+            // Reuses the allocation once h2 has written out the previous chunks.
+            buf.reserve(size);
+            let n = match s_read.read_buf(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(n) => n,
+                Err(e) => break Err(e),
+            };
+            if let Err(e) = send.send(buf.split().freeze()).await {
+                break Err(e);
+            }
+            total += n as u64;
+            to_tunnel.fetch_add(n as u64, Ordering::Relaxed);
+            size = grown(size, total);
+        };
+        let finish = send.finish().await;
+        result.and(finish.or_else(|e| if is_closed(&e) { Ok(()) } else { Err(e) }))
+    };
+    let down = async {
+        let result = loop {
+            let chunk = match recv.next().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            };
+            if let Err(e) = s_write.write_all(&chunk).await {
+                break Err(e);
+            }
+            recv.release(chunk.len());
+            from_tunnel.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        };
+        let shutdown = s_write.shutdown().await;
+        result.and(shutdown.or_else(|e| if is_closed(&e) { Ok(()) } else { Err(e) }))
+    };
+    let (u, d) = tokio::join!(up, down);
+    u.and(d)
+}
+
+/// The buffer size after `total` bytes: small for idle connections, large for bulk.
+fn grown(size: usize, total: u64) -> usize {
+    if total >= GROW_TO_LARGE_AFTER {
+        LARGE_BUFFER
+    } else if total >= GROW_TO_MEDIUM_AFTER {
+        size.max(MEDIUM_BUFFER)
+    } else {
+        size
+    }
+}
+
 /// Errors that just mean the peer already went away.
 pub fn is_closed(e: &io::Error) -> bool {
     matches!(
@@ -130,6 +201,67 @@ mod tests {
         let (p, back, n) = tokio::join!(proxy, client_task, server_task);
         p.expect("proxy");
         assert_eq!(n, expected.len());
+        assert_eq!(back, expected);
+        assert_eq!(
+            counters.get(),
+            (expected.len() as u64, expected.len() as u64)
+        );
+    }
+
+    /// An HBONE-like stream over an in-memory connection: the far end echoes everything
+    /// through the `AsyncRead`/`AsyncWrite` path, the near end is copied with [`tunnel`].
+    #[tokio::test]
+    async fn tunnel_moves_whole_buffers_both_ways_with_half_close_and_counts() {
+        let (c_io, s_io) = duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(s_io).await.expect("server handshake");
+            let (req, mut respond) = conn
+                .accept()
+                .await
+                .expect("a stream")
+                .expect("a valid stream");
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let send = respond
+                .send_response(http::Response::new(()), false)
+                .expect("response sent");
+            let stream = H2Stream::new(send, req.into_body());
+            let (mut r, mut w) = tokio::io::split(stream);
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await.expect("server read");
+            w.write_all(&got).await.expect("server write");
+            w.shutdown().await.expect("server shutdown");
+            got.len()
+        });
+        let (mut client, conn) = h2::client::handshake(c_io).await.expect("client handshake");
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("127.0.0.1:80")
+            .body(())
+            .expect("request");
+        let (resp, send) = client.send_request(req, false).expect("request sent");
+        let resp = resp.await.expect("response");
+        let h2 = H2Stream::new(send, resp.into_body());
+
+        let (app, proxy_side) = duplex(1024);
+        let counters = Counters::default();
+        let proxy = tunnel(proxy_side, h2, &counters.a_to_b, &counters.b_to_a);
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let expected = data.clone();
+        let app_task = async move {
+            let (mut r, mut w) = tokio::io::split(app);
+            let writer = async {
+                w.write_all(&data).await.expect("app write");
+                w.shutdown().await.expect("app shutdown");
+            };
+            let mut back = Vec::new();
+            let (_, read) = tokio::join!(writer, r.read_to_end(&mut back));
+            read.expect("app read");
+            back
+        };
+        let (p, back) = tokio::join!(proxy, app_task);
+        p.expect("proxy");
+        assert_eq!(server.await.expect("server task"), expected.len());
         assert_eq!(back, expected);
         assert_eq!(
             counters.get(),

@@ -35,6 +35,17 @@ pub use webpki::KeyUsage;
 /// ALPN protocol for HBONE.
 pub const ALPN_H2: &[u8] = b"h2";
 
+/// Bytes fetched from the socket per `read` under TLS. rustls asks its transport for at
+/// most 4 KiB at a time, so without a buffer below it every full 16 KiB record costs five
+/// `read` system calls; with it, one call usually brings several records.
+pub const TRANSPORT_READ_BUFFER: usize = 64 * 1024;
+
+/// `io` with a [`TRANSPORT_READ_BUFFER`] read buffer, to run TLS over (writes pass
+/// straight through, vectored writes included).
+pub fn buffered<IO: tokio::io::AsyncRead>(io: IO) -> tokio::io::BufReader<IO> {
+    tokio::io::BufReader::with_capacity(TRANSPORT_READ_BUFFER, io)
+}
+
 /// TLS setup errors (not handshake failures, which rustls reports itself).
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

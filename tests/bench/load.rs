@@ -16,6 +16,7 @@
 
 use std::io::{self, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -47,6 +48,9 @@ pub enum LoadCmd {
         conns: usize,
         #[arg(long)]
         secs: f64,
+        /// Request path.
+        #[arg(long, default_value = "/")]
+        path: String,
     },
     /// New connections per second: connect, one GET, close.
     ConnRate {
@@ -80,7 +84,8 @@ pub fn run(cmd: LoadCmd) -> Result<()> {
             rate,
             conns,
             secs,
-        } => fixed_rate(to, rate, conns, secs)?,
+            path,
+        } => fixed_rate(to, rate, conns, secs, &path)?,
         LoadCmd::ConnRate { to, workers, secs } => conn_rate(to, workers, secs)?,
         LoadCmd::Hold {
             to,
@@ -191,10 +196,26 @@ fn percentiles(mut samples: Vec<Duration>) -> serde_json::Value {
     })
 }
 
-fn fixed_rate(to: SocketAddr, rate: u32, conns: usize, secs: f64) -> Result<serde_json::Value> {
+fn fixed_rate(
+    to: SocketAddr,
+    rate: u32,
+    conns: usize,
+    secs: f64,
+    path: &str,
+) -> Result<serde_json::Value> {
     if rate == 0 || conns == 0 || secs.is_nan() || secs <= 0.0 {
         bail!("rate, conns and secs must be positive");
     }
+    if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_whitespace()) {
+        bail!("the path must start with / and contain no spaces");
+    }
+    let request: Arc<[u8]> = if path == "/" {
+        REQUEST.into()
+    } else {
+        format!("GET {path} HTTP/1.1\r\nHost: bench\r\nUser-Agent: ambit-bench\r\n\r\n")
+            .into_bytes()
+            .into()
+    };
     // Connect everything first, so connection set-up is not part of any latency.
     let mut opened = Vec::with_capacity(conns);
     for _ in 0..conns {
@@ -208,6 +229,7 @@ fn fixed_rate(to: SocketAddr, rate: u32, conns: usize, secs: f64) -> Result<serd
         .enumerate()
         .map(|(i, mut conn)| {
             let first = start + interval.mul_f64(i as f64 / conns as f64);
+            let request = request.clone();
             std::thread::spawn(move || {
                 let mut latencies = Vec::new();
                 let mut errors = 0u64;
@@ -224,7 +246,7 @@ fn fixed_rate(to: SocketAddr, rate: u32, conns: usize, secs: f64) -> Result<serd
                     let busy = prev_done > scheduled;
                     late += u64::from(busy);
                     let from = if busy { scheduled } else { sent };
-                    match conn.get(REQUEST) {
+                    match conn.get(&request) {
                         Ok(()) => latencies.push(from.elapsed()),
                         Err(e) => {
                             errors += 1;

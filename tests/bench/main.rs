@@ -1,22 +1,28 @@
 //! `ambit-bench`: Ambit's benchmark runner.
 //!
-//! Builds a simulated two-node cluster (the test harness), sets up every contender side by
-//! side (direct TCP, ztunnel, a stunnel4 pair, an HAProxy pair), measures each scenario for
-//! each contender interleaved (A B C D A B C D …), and prints one markdown table per
-//! scenario (median, min–max, ratio to direct) plus the targets, also written to
-//! `bench-results/l4-<date>.md`. Nothing here asserts on timings: the figures are reported,
-//! never tested.
+//! Two suites, each on a simulated cluster built with the test harness, each measuring every
+//! scenario for every contender interleaved (A B C D A B C D …) and printing one markdown
+//! table per scenario (median, min–max, ratio to direct) plus the targets; a full run writes
+//! both to `bench-results/bench-<date>.md`. Nothing here asserts on timings: the figures are
+//! reported, never tested.
+//!
+//! - L4 ([`l4`]): pod to pod across two nodes: direct TCP, ztunnel, a stunnel4 pair, an
+//!   HAProxy pair.
+//! - L7 ([`l7`]): HTTP/1.1 and h2c through one proxy pinned to one core: direct, nginx,
+//!   Envoy and the waypoint, each with a route, retries, outlier detection, authorization
+//!   and metrics; cells also carry the ratio to Envoy.
 //!
 //! ```text
-//! tests/bench/run.sh            # installs tools, builds release binaries, runs the suite
+//! tests/bench/run.sh            # installs tools, builds release binaries, runs both suites
 //! ambit-bench --quick           # 1 repetition of 2 s runs, for development
-//! ambit-bench --only latency --contenders direct,ztunnel
+//! ambit-bench --suite l4 --only latency --contenders direct,ztunnel
+//! ambit-bench --suite l7 --only l7-h1-tiny,l7-latency-tiny
 //! ```
 //!
-//! Modules: [`model`] (contenders, metrics, the interleaved runner), [`topology`] (the
-//! cluster), [`tunnels`] (stunnel/HAProxy pairs), [`l4`] (the scenarios), [`tools`] (iperf3,
-//! wrk), [`load`] (the in-pod generators behind the hidden `load` subcommand), [`procfs`]
-//! (CPU and memory), [`report`] (markdown), [`l7`] (TODO: waits for the waypoint).
+//! Modules: [`model`] (contenders, metrics, the interleaved runner), [`topology`] (the L4
+//! cluster), [`tunnels`] (stunnel/HAProxy pairs), [`l4`] and [`l7`] (the scenarios),
+//! [`tools`] (iperf3, wrk), [`load`] (the in-pod generators behind the hidden `load`
+//! subcommand), [`procfs`] (CPU and memory), [`report`] (markdown).
 
 mod l4;
 mod l7;
@@ -33,7 +39,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::model::Kind;
@@ -41,8 +47,9 @@ use crate::model::Kind;
 #[derive(Debug, Parser)]
 #[command(
     name = "ambit-bench",
-    about = "Benchmarks Ambit's data plane against direct TCP, stunnel and HAProxy on a \
-             simulated cluster (needs root)"
+    about = "Benchmarks Ambit's data plane (L4: ztunnel against direct TCP, stunnel and \
+             HAProxy; L7: the waypoint against Envoy, nginx and direct) on a simulated \
+             cluster (needs root)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -60,15 +67,18 @@ enum Cmd {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Suite {
+    /// L4 then L7, into one results file.
+    All,
+    /// Pod to pod through ztunnel, stunnel, HAProxy.
     L4,
-    /// Not yet: waits for the waypoint.
+    /// HTTP through the waypoint, Envoy and nginx, each pinned to one core.
     L7,
 }
 
 #[derive(Debug, Args)]
 struct RunArgs {
     /// Which suite to run.
-    #[arg(long, value_enum, default_value_t = Suite::L4)]
+    #[arg(long, value_enum, default_value_t = Suite::All)]
     suite: Suite,
     /// Development mode: 1 repetition of 2 s runs (overridden by --reps / --secs).
     #[arg(long)]
@@ -76,13 +86,18 @@ struct RunArgs {
     /// Repetitions per scenario and contender [default: 5].
     #[arg(long)]
     reps: Option<usize>,
-    /// Seconds per measured run [default: 5].
+    /// Seconds per measured L4 run [default: 5].
     #[arg(long)]
     secs: Option<u64>,
-    /// Run only these scenarios (throughput, latency, saturation, connrate, memory).
+    /// Seconds per measured L7 run [default: 3].
+    #[arg(long)]
+    l7_secs: Option<u64>,
+    /// Run only these scenarios (L4: throughput, latency, saturation, connrate, memory;
+    /// L7: l7-h1-tiny, l7-h1-16k, l7-h2c-tiny, l7-h2c-16k, l7-latency-tiny,
+    /// l7-latency-16k). A suite none of whose scenarios is named is skipped.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Contenders; direct (the baseline) is always included.
+    /// L4 contenders; direct (the baseline) is always included.
     #[arg(
         long,
         value_enum,
@@ -90,6 +105,17 @@ struct RunArgs {
         default_value = "direct,ztunnel,stunnel,haproxy"
     )]
     contenders: Vec<Kind>,
+    /// L7 contenders; direct is always included.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "direct,nginx,envoy,waypoint"
+    )]
+    l7_contenders: Vec<Kind>,
+    /// The CPU the L7 proxy is pinned to (the load generator and upstream take another).
+    #[arg(long, default_value_t = 1)]
+    proxy_cpu: usize,
     /// Where the markdown results file goes.
     #[arg(long, default_value = "bench-results")]
     results_dir: PathBuf,
@@ -159,10 +185,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Some(Cmd::Load(cmd)) => load::run(cmd),
-        None => handle_signals().and_then(|()| match cli.run.suite {
-            Suite::L4 => run_l4(&cli.run),
-            Suite::L7 => l7::run(),
-        }),
+        None => handle_signals().and_then(|()| run(&cli.run)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -183,9 +206,18 @@ const TOOLS: [(&str, &str); 6] = [
     ("curl", "curl"),
 ];
 
-fn check_tools() -> Result<()> {
+/// What the L7 suite needs besides Envoy.
+const L7_TOOLS: [(&str, &str); 5] = [
+    ("wrk", "wrk"),
+    ("h2load", "nghttp2-client"),
+    ("nginx", "nginx-light"),
+    ("taskset", "util-linux"),
+    ("curl", "curl"),
+];
+
+fn check_tools(tools: &[(&str, &str)]) -> Result<()> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let missing: Vec<String> = TOOLS
+    let missing: Vec<String> = tools
         .iter()
         .filter(|(bin, _)| !std::env::split_paths(&path).any(|d| d.join(bin).is_file()))
         .map(|(bin, pkg)| format!("{bin} (apt-get install {pkg})"))
@@ -199,9 +231,198 @@ fn check_tools() -> Result<()> {
     Ok(())
 }
 
-fn run_l4(args: &RunArgs) -> Result<()> {
+/// Which suites run: those selected by `--suite` that `--only` leaves something of.
+fn suites(args: &RunArgs) -> Result<(bool, bool)> {
+    for id in &args.only {
+        if !l4::SCENARIO_IDS.contains(&id.as_str()) && !l7::SCENARIO_IDS.contains(&id.as_str()) {
+            bail!(
+                "unknown scenario {id:?}; known: {}, {}",
+                l4::SCENARIO_IDS.join(", "),
+                l7::SCENARIO_IDS.join(", ")
+            );
+        }
+    }
+    let named =
+        |ids: &[&str]| args.only.is_empty() || args.only.iter().any(|o| ids.contains(&o.as_str()));
+    let l4 = matches!(args.suite, Suite::All | Suite::L4) && named(&l4::SCENARIO_IDS);
+    let l7 = matches!(args.suite, Suite::All | Suite::L7) && named(&l7::SCENARIO_IDS);
+    ensure!(l4 || l7, "--only names no scenario of the selected suite");
+    Ok((l4, l7))
+}
+
+fn run(args: &RunArgs) -> Result<()> {
     let started = Instant::now();
-    let (started_utc, stamp) = report::now_utc();
+    let (run_l4_suite, run_l7_suite) = suites(args)?;
+    harness::require_privileges().map_err(|e| anyhow::anyhow!("{e} (run as root)"))?;
+    // Children inherit the limit: nginx, the tunnels and the generators hold many sockets.
+    load::raise_nofile_limit();
+    let (_, stamp) = report::now_utc();
+    let mut text = String::new();
+    let mut error = None;
+    if run_l4_suite {
+        let (t, e) = run_l4(args)?;
+        text.push_str(&t);
+        error = e;
+    }
+    if run_l7_suite && error.is_none() && !stopped() {
+        let (t, e) = run_l7(args)?;
+        text.push_str(&t);
+        error = e;
+    }
+    println!("{text}");
+    let prefix = match (run_l4_suite, run_l7_suite) {
+        (true, true) => "bench",
+        (true, false) => "l4",
+        _ => "l7",
+    };
+    let name = format!(
+        "{prefix}-{}{stamp}.md",
+        if args.quick { "quick-" } else { "" }
+    );
+    let path = args.results_dir.join(name);
+    write_results(&path, &text)?;
+    eprintln!(
+        "ambit-bench: wrote {} ({})",
+        path.display(),
+        report_minutes(started.elapsed())
+    );
+    match error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn command_line() -> String {
+    std::env::var("AMBIT_BENCH_COMMAND").unwrap_or_else(|_| {
+        std::iter::once("ambit-bench".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" ")
+    })
+}
+
+/// Runs the L7 suite; returns its markdown and the error that stopped it early, if any.
+fn run_l7(args: &RunArgs) -> Result<(String, Option<anyhow::Error>)> {
+    let started = Instant::now();
+    let (started_utc, _) = report::now_utc();
+    let load_before = report::loadavg();
+    let reps = args.reps.unwrap_or(if args.quick { 1 } else { 5 }).max(1);
+    let secs = args
+        .l7_secs
+        .unwrap_or(if args.quick { 2 } else { 3 })
+        .max(1);
+    let mut kinds = args.l7_contenders.clone();
+    kinds.push(Kind::Direct);
+    kinds.sort();
+    kinds.dedup();
+    if let Some(k) = kinds.iter().find(|k| !l7::KINDS.contains(k)) {
+        bail!(
+            "{} is not an L7 contender (those are direct, nginx, envoy, waypoint)",
+            k.name()
+        );
+    }
+    check_tools(&L7_TOOLS)?;
+    let envoy = if kinds.contains(&Kind::Envoy) {
+        Some(l7::envoy_bin()?)
+    } else {
+        None
+    };
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    ensure!(
+        ncpu >= 2,
+        "the L7 suite pins the proxy and the load to different CPUs: needs 2"
+    );
+    let proxy_cpu = args.proxy_cpu.min(ncpu - 1);
+    let settings = l7::L7Settings {
+        secs,
+        rate: args.rate,
+        rate_conns: args.rate_conns.max(1),
+        wrk_conns: 32,
+        h2_clients: 8,
+        h2_streams: 10,
+        proxy_cpu,
+        load_cpu: if proxy_cpu == 0 { 1 } else { 0 },
+    };
+    eprintln!(
+        "ambit-bench: L7 suite, contenders {}, {reps} repetition(s) of {secs} s",
+        kinds
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut bench = l7::L7Bench::new(&settings, &kinds)?;
+    eprintln!(
+        "ambit-bench: L7 cluster {} ready ({:.1} s)",
+        bench.cluster.id(),
+        started.elapsed().as_secs_f64()
+    );
+    for n in &bench.chain_notes {
+        eprintln!("ambit-bench: {n}");
+    }
+    if let Some(secs) = args.linger {
+        bench.linger(secs, &stopped)?;
+        return Ok((String::new(), None));
+    }
+    // One short unmeasured pass per contender: connection pools, caches, CPU frequency.
+    let warm = l7::L7Settings {
+        secs: 1,
+        ..settings.clone()
+    };
+    for scenario in l7::scenarios(&warm).iter().take(1) {
+        model::run_interleaved(&mut bench, scenario.as_ref(), &kinds, 1, &stopped)?;
+    }
+    let mut results = Vec::new();
+    let mut error = None;
+    for scenario in l7::scenarios(&settings) {
+        if !args.only.is_empty() && !args.only.iter().any(|o| o == scenario.id()) {
+            continue;
+        }
+        match model::run_interleaved(&mut bench, scenario.as_ref(), &kinds, reps, &stopped) {
+            Ok(r) => results.push(r),
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    let notes = std::mem::take(&mut bench.chain_notes);
+    drop(bench);
+    let mut versions = report::versions(&repo_dir());
+    for (name, prog, args) in [
+        ("Envoy", envoy.map(|p| p.display().to_string()), "--version"),
+        ("h2load", Some("h2load".to_string()), "--version"),
+    ] {
+        if let Some(v) = prog
+            .and_then(|p| std::process::Command::new(p).arg(args).output().ok())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .and_then(|t| t.split_whitespace().last().map(str::to_string))
+        {
+            versions.push_str(&format!(", {name} {v}"));
+        }
+    }
+    let info = report::RunInfo {
+        started_utc,
+        command: command_line(),
+        reps,
+        secs,
+        total_secs: started.elapsed().as_secs_f64(),
+        ztunnel_log: "info,access=off".into(),
+        machine: report::machine(),
+        versions,
+        load: (load_before, report::loadavg()),
+    };
+    let mut text = report::render_l7(&info, &results, &report::verdicts_l7(&results), &notes);
+    if let Some(e) = &error {
+        text.push_str(&format!("**INCOMPLETE: the run stopped early: {e:#}**\n"));
+    }
+    Ok((text, error))
+}
+
+/// Runs the L4 suite; returns its markdown and the error that stopped it early, if any.
+fn run_l4(args: &RunArgs) -> Result<(String, Option<anyhow::Error>)> {
+    let started = Instant::now();
+    let (started_utc, _) = report::now_utc();
     let load_before = report::loadavg();
     let reps = args.reps.unwrap_or(if args.quick { 1 } else { 5 }).max(1);
     let secs = args.secs.unwrap_or(if args.quick { 2 } else { 5 }).max(1);
@@ -209,18 +430,10 @@ fn run_l4(args: &RunArgs) -> Result<()> {
     kinds.push(Kind::Direct);
     kinds.sort();
     kinds.dedup();
-    for id in &args.only {
-        if !l4::SCENARIO_IDS.contains(&id.as_str()) {
-            bail!(
-                "unknown scenario {id:?}; known: {}",
-                l4::SCENARIO_IDS.join(", ")
-            );
-        }
+    if let Some(k) = kinds.iter().find(|k| !k.is_l4()) {
+        bail!("{} is not an L4 contender", k.name());
     }
-    check_tools()?;
-    harness::require_privileges().map_err(|e| anyhow::anyhow!("{e} (run as root)"))?;
-    // Children inherit the limit: nginx, the tunnels and the generators hold many sockets.
-    load::raise_nofile_limit();
+    check_tools(&TOOLS)?;
 
     let settings = l4::L4Settings {
         secs,
@@ -253,7 +466,8 @@ fn run_l4(args: &RunArgs) -> Result<()> {
     );
     warm_up(&bench, &settings)?;
     if let Some(secs) = args.linger {
-        return linger(&bench, secs);
+        linger(&bench, secs)?;
+        return Ok((String::new(), None));
     }
 
     let mut results = Vec::new();
@@ -274,12 +488,7 @@ fn run_l4(args: &RunArgs) -> Result<()> {
 
     let info = report::RunInfo {
         started_utc,
-        command: std::env::var("AMBIT_BENCH_COMMAND").unwrap_or_else(|_| {
-            std::iter::once("ambit-bench".to_string())
-                .chain(std::env::args().skip(1))
-                .collect::<Vec<_>>()
-                .join(" ")
-        }),
+        command: command_line(),
         reps,
         secs,
         total_secs: started.elapsed().as_secs_f64(),
@@ -292,19 +501,7 @@ fn run_l4(args: &RunArgs) -> Result<()> {
     if let Some(e) = &error {
         text.push_str(&format!("**INCOMPLETE: the run stopped early: {e:#}**\n"));
     }
-    println!("{text}");
-    let name = format!("l4-{}{stamp}.md", if args.quick { "quick-" } else { "" });
-    let path = args.results_dir.join(name);
-    write_results(&path, &text)?;
-    eprintln!(
-        "ambit-bench: wrote {} ({})",
-        path.display(),
-        report_minutes(started.elapsed())
-    );
-    match error {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    Ok((text, error))
 }
 
 /// One short unmeasured pass over every contender: TLS session caches, HBONE pools, page

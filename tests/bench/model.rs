@@ -20,11 +20,25 @@ pub enum Kind {
     /// HAProxy in TCP mode doing TLS origination in the source pod and termination in the
     /// destination pod.
     Haproxy,
+    /// L7: nginx as a reverse proxy.
+    Nginx,
+    /// L7: Envoy with the equivalent filter chain.
+    Envoy,
+    /// L7: Ambit's waypoint.
+    Waypoint,
 }
 
 impl Kind {
     #[cfg(test)]
     pub const ALL: [Kind; 4] = [Kind::Direct, Kind::Ztunnel, Kind::Stunnel, Kind::Haproxy];
+
+    /// True for the contenders of the L4 suite.
+    pub fn is_l4(self) -> bool {
+        matches!(
+            self,
+            Kind::Direct | Kind::Ztunnel | Kind::Stunnel | Kind::Haproxy
+        )
+    }
 
     /// The name in tables and pod names.
     pub fn name(self) -> &'static str {
@@ -33,6 +47,9 @@ impl Kind {
             Kind::Ztunnel => "ztunnel",
             Kind::Stunnel => "stunnel",
             Kind::Haproxy => "haproxy",
+            Kind::Nginx => "nginx",
+            Kind::Envoy => "envoy",
+            Kind::Waypoint => "waypoint",
         }
     }
 

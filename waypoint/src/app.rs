@@ -20,6 +20,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::admin::{self, Readiness};
+use crate::listener::plaintext::{self, PlaintextListen};
 use crate::listener::{self, Context, ListenerConfig, Waypoint};
 use crate::metrics::Metrics;
 use crate::route::{GatewayRoutes, RouteTable};
@@ -107,6 +108,14 @@ impl Running {
 /// waypoint's certificate, binds every listener (port 0 picks a free one) and starts
 /// serving.
 pub async fn start(settings: Settings) -> anyhow::Result<Running> {
+    start_with(settings, Vec::new()).await
+}
+
+/// [`start`], plus the benchmarks' plaintext listeners.
+pub async fn start_with(
+    settings: Settings,
+    plaintext: Vec<PlaintextListen>,
+) -> anyhow::Result<Running> {
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
 
@@ -191,6 +200,12 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     admin::spawn_with_outliers(registry, ready.clone(), admin_listeners, Some(destinations))?;
 
     let (trigger, watcher) = drain::channel();
+    for p in plaintext {
+        let l = plaintext::bind(p)
+            .await
+            .with_context(|| format!("binding the plaintext listener on {}", p.listen))?;
+        tokio::spawn(plaintext::serve(l, p.target, ctx.clone(), watcher.clone()));
+    }
     tokio::spawn(listener::serve(hbone, acceptor, ctx, watcher));
     ready.mark_ready();
     info!(name = %settings.name, namespace = %settings.namespace, identity = %identity,
@@ -207,10 +222,15 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
 
 /// Runs the waypoint until SIGTERM or SIGINT, then drains.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    run_with(settings, Vec::new()).await
+}
+
+/// [`run`], plus the benchmarks' plaintext listeners.
+pub async fn run_with(settings: Settings, plaintext: Vec<PlaintextListen>) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let grace = settings.drain_grace;
-    let running = start(settings).await?;
+    let running = start_with(settings, plaintext).await?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: draining"),
         _ = int.recv() => info!("SIGINT: draining"),

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ambit_shared::hbone::PoolConfig;
+use ambit_waypoint::listener::plaintext::PlaintextListen;
 use ambit_waypoint::{app, listener, upstream};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -113,6 +114,10 @@ struct RunArgs {
     /// Streams per pooled HBONE connection to an endpoint's node.
     #[arg(long, default_value_t = 100)]
     pool_max_streams: usize,
+    /// Benchmarks only (repeatable): `LISTEN=VIP:PORT` serves plaintext HTTP on LISTEN as
+    /// if tunnelled to the service VIP:PORT, trusting the source address as the identity.
+    #[arg(long, value_name = "LISTEN=TARGET", hide = true)]
+    plaintext_listen: Vec<PlaintextListen>,
 }
 
 /// Every connection costs a descriptor (two when forwarded): the soft limit (often 1024)
@@ -151,6 +156,7 @@ fn main() -> anyhow::Result<()> {
             token_file: args.token_file,
         }),
     };
+    let plaintext = args.plaintext_listen.clone();
     let settings = app::Settings {
         signer,
         service_account: args.service_account,
@@ -190,5 +196,5 @@ fn main() -> anyhow::Result<()> {
         .thread_name("waypoint")
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(app::run(settings))
+    runtime.block_on(app::run_with(settings, plaintext))
 }

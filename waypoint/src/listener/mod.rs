@@ -15,6 +15,7 @@
 
 pub mod detect;
 pub mod http;
+pub mod plaintext;
 pub mod tcp;
 pub mod upgrade;
 

@@ -41,7 +41,7 @@ pub async fn handle(
 ) {
     let span = info_span!("inbound", peer = %peer, pod = %pod.workload());
     async move {
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tls::buffered(tcp))).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 warn!(error = %tls::describe_handshake_error(&e), "HBONE TLS handshake failed; connection refused");
@@ -141,7 +141,7 @@ async fn stream(
     log.established();
     let revoked = super::revoked(ctx.snapshot.clone(), Some(peer_identity), peer.ip(), dst);
     tokio::select! {
-        copied = copy::bidirectional(tunnel, app, &log.counters) => {
+        copied = copy::tunnel(app, tunnel, &log.counters.b_to_a, &log.counters.a_to_b) => {
             if let Err(e) = copied.or_else(ignore_close) {
                 log.fail(e);
             }

@@ -68,10 +68,12 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
             Err(e) => return refuse(&stream, &mut log, e),
         };
         log.established();
-        if let Err(e) = copy::bidirectional(stream, upstream, &log.counters)
-            .await
-            .or_else(ignore_close)
-        {
+        let c = &log.counters;
+        let copied = match upstream.into_tunnel() {
+            Ok(tunnel) => copy::tunnel(stream, tunnel, &c.a_to_b, &c.b_to_a).await,
+            Err(tcp) => copy::bidirectional(stream, tcp, c).await,
+        };
+        if let Err(e) = copied.or_else(ignore_close) {
             log.fail(e);
         }
     }
@@ -83,8 +85,22 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
 const MAX_SERVICE_ATTEMPTS: usize = 3;
 
 /// Anything we can copy bytes to and from: a tunnel stream or a plain TCP connection.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {
+    /// The HBONE stream, if this is one: it is copied without the slice copies.
+    fn into_tunnel(self: Box<Self>) -> Result<H2Stream, Box<dyn Io>>;
+}
+
+impl Io for H2Stream {
+    fn into_tunnel(self: Box<Self>) -> Result<H2Stream, Box<dyn Io>> {
+        Ok(*self)
+    }
+}
+
+impl Io for tokio::net::TcpStream {
+    fn into_tunnel(self: Box<Self>) -> Result<H2Stream, Box<dyn Io>> {
+        Err(self)
+    }
+}
 
 /// Connects to a single address: HBONE to an enrolled workload, plaintext otherwise.
 async fn to_address(
@@ -298,7 +314,10 @@ async fn open_tunnel(
         let cert = dial_pod.cert.slot.current().certified.clone();
         let config = tls::client_config(cert, &bundle, dst_identity)?;
         TlsConnector::from(Arc::new(config))
-            .connect(ServerName::IpAddress(hbone_addr.ip().into()), tcp)
+            .connect(
+                ServerName::IpAddress(hbone_addr.ip().into()),
+                tls::buffered(tcp),
+            )
             .await
             .map_err(|source| hbone::Error::Tls {
                 addr: hbone_addr,
