@@ -89,7 +89,8 @@ struct RunArgs {
     #[arg(long, alias = "drain-grace", default_value = "20s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
     /// Close an upgraded stream (WebSocket, extended CONNECT) that moves no bytes for this
-    /// long, e.g. 1h. Default: never.
+    /// long, and an HTTP/1.1 keep-alive connection idle this long between requests, e.g.
+    /// 1h. Default: never.
     #[arg(long, value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
     /// Bound on connecting to an endpoint (TCP, TLS and HBONE).
@@ -188,6 +189,7 @@ fn main() -> anyhow::Result<()> {
             max_header_bytes: args.max_header_bytes,
             max_concurrent_streams: args.max_concurrent_streams.max(1),
             idle_timeout: args.idle_timeout,
+            header_read_timeout: args.idle_timeout,
             ..Default::default()
         },
     };

@@ -57,8 +57,12 @@ pub struct ListenerConfig {
     pub max_header_bytes: usize,
     /// Most headers in an HTTP/1 request. Default 100.
     pub max_headers: usize,
-    /// A client must send a request head within this. Default 30 s.
-    pub header_read_timeout: Duration,
+    /// A client must send a request head within this. hyper also counts the idle time
+    /// between requests on an HTTP/1.1 keep-alive connection against it, so it is the
+    /// HTTP/1.1 idle timeout too. Default `None`: a pooled client connection is never cut
+    /// under its owner (who would then race our close with its next request); peers are
+    /// authenticated mesh workloads, and each idle connection costs only its buffers.
+    pub header_read_timeout: Option<Duration>,
     /// Concurrent HTTP/2 streams per client connection. Default 1000.
     pub max_concurrent_streams: u32,
     /// An upgraded stream (WebSocket, extended CONNECT) that moves no bytes either way for
@@ -79,7 +83,7 @@ impl Default for ListenerConfig {
             detect_timeout: Duration::from_secs(1),
             max_header_bytes: 64 * 1024,
             max_headers: 100,
-            header_read_timeout: Duration::from_secs(30),
+            header_read_timeout: None,
             max_concurrent_streams: 1000,
             idle_timeout: None,
             drain_idle_close: Duration::from_secs(1),
