@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod admin;
 mod app;
 mod capture;
+mod cni;
 mod dns;
 mod enroll;
 mod metrics;
@@ -47,6 +48,10 @@ enum Command {
     /// Manage the local CA used in file/dev mode.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Chained CNI plugin: holds new pods closed until ztunnel enrolls them. Reads the CNI
+    /// environment and the network config on stdin (installed as `ambit-cni`, it runs
+    /// without the subcommand).
+    Cni,
 }
 
 #[derive(clap::Args, Debug)]
@@ -93,6 +98,9 @@ struct RunArgs {
     /// Admin (`/config_dump`, `/logging`); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
+    /// Serve the CNI hook on this Unix socket (mode 0600), e.g. /var/run/ambit/cni.sock.
+    #[arg(long)]
+    cni_socket: Option<PathBuf>,
 }
 
 /// Lifetimes of a new root and issuer.
@@ -203,7 +211,18 @@ fn print_cert(what: &str, c: &CertInfo, now: time::OffsetDateTime) {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Runtimes call a CNI plugin by file name with no arguments, and read only its stdout.
+    if std::env::args_os()
+        .next()
+        .and_then(|a| PathBuf::from(a).file_name().map(|n| n == "ambit-cni"))
+        .unwrap_or(false)
+    {
+        std::process::exit(cni::plugin::main());
+    }
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Cni) {
+        std::process::exit(cni::plugin::main());
+    }
     // Logs to stderr, filtered by `RUST_LOG` (default `info`); `log` changes the filter.
     let log = ambit_shared::logging::init(matches!(cli.log_format, LogFormat::Json));
     match cli.command {
@@ -303,6 +322,7 @@ fn main() -> anyhow::Result<()> {
                 )
             }
         }
+        Command::Cni => Ok(()),
         Command::Run(args) => {
             let args = *args;
             let settings = app::Settings {
@@ -325,6 +345,7 @@ fn main() -> anyhow::Result<()> {
                 metrics_addr: args.metrics_addr,
                 readiness_addr: args.readiness_addr,
                 admin_addr: args.admin_addr,
+                cni_socket: args.cni_socket,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
