@@ -412,3 +412,48 @@ fn del_and_opt_out_release_holds_and_version_answers() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn holds_survive_a_ztunnel_restart() -> Result<()> {
+    harness::skip_or_fail!(Ok(()));
+    let (mut m, fresh) = mesh(&[("shop", "early")])?;
+    let pod = &fresh[0];
+    let out = run_cni(&m.a, "ADD", pod, &net_conf(&m.socket, pod))?;
+    ensure!(
+        out.status.success(),
+        "ADD: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    log_has(&m.zt_a, "CNI ADD: pod held closed until enrolled", pod)?;
+
+    // The hold lives in the pinned maps: it stays in force while ztunnel is down and after
+    // it comes back (the restarted ztunnel also replaces its own stale socket).
+    m.zt_a.stop()?;
+    let r = connect(pod, &m.web)?;
+    assert!(refused_by_hook(&r), "held while ztunnel is down: {r}");
+    m.zt_a.restart()?;
+    m.zt_a.wait_ready(LONG)?;
+    m.zt_a.wait_for_log(LONG, |v| {
+        message(v) == Some("adopting a pod hold left by an earlier ztunnel")
+    })?;
+    let r = connect(pod, &m.web)?;
+    assert!(refused_by_hook(&r), "held after the restart: {r}");
+    // The restarted ztunnel answers on the same socket path.
+    let out = run_cni(&m.a, "CHECK", pod, &net_conf(&m.socket, pod))?;
+    assert!(
+        out.status.success(),
+        "CHECK after restart: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    add_to_config(&m.cluster, pod, &[])?;
+    let mut last = Value::Null;
+    wait_until(LONG, || {
+        last = connect(pod, &m.web).unwrap_or(Value::Null);
+        answered_by(&last, "web")
+    })
+    .with_context(|| format!("adopted hold never became an enrollment: {last}"))?;
+    m.zt_a
+        .wait_for_log(LONG, |v| message(v) == Some("held pod is now enrolled"))?;
+    Ok(())
+}
