@@ -465,7 +465,13 @@ impl Enroller {
         let mut release = Vec::new();
         let mut enrolled = Vec::new();
         for (cookie, h) in &mut self.holds {
-            if self.running.contains_key(&h.ip) {
+            // The running pod must be this sandbox: an old pod with the same IP that the
+            // config still lists does not end the new one's hold.
+            if let Some(r) = self.running.get(&h.ip)
+                && h.netns
+                    .as_ref()
+                    .is_none_or(|(_, inode)| *inode == r.pod.netns.inode())
+            {
                 enrolled.push(*cookie);
                 continue;
             }
