@@ -52,6 +52,19 @@ enum Command {
     /// environment and the network config on stdin (installed as `ambit-cni`, it runs
     /// without the subcommand).
     Cni,
+    /// Install the CNI plugin on this node (DaemonSet init container): copy this binary to
+    /// BIN_DIR/ambit-cni and chain it last into the first *.conflist in NET_DIR.
+    CniInstall {
+        /// The runtime's CNI binary directory.
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        /// The runtime's CNI config directory.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        net_dir: PathBuf,
+        /// The socket ztunnel serves (`ztunnel run --cni-socket`).
+        #[arg(long, default_value = cni::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -323,6 +336,19 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Cni => Ok(()),
+        Command::CniInstall {
+            bin_dir,
+            net_dir,
+            socket,
+        } => {
+            let conflist = cni::install::install(&bin_dir, &net_dir, &socket)?;
+            println!(
+                "installed {} and chained it into {}",
+                bin_dir.join(cni::install::PLUGIN_NAME).display(),
+                conflist.display()
+            );
+            Ok(())
+        }
         Command::Run(args) => {
             let args = *args;
             let settings = app::Settings {

@@ -10,6 +10,7 @@
 //! is released because the pod turns out not to be enrolled. When ztunnel cannot answer,
 //! the ADD fails and the kubelet retries the sandbox: the pod never runs uncaptured.
 
+pub mod install;
 pub mod plugin;
 pub mod proto;
 pub mod server;
