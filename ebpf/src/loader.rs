@@ -346,6 +346,88 @@ impl Capture {
         Ok(())
     }
 
+    /// Holds a pod's netns closed before it is enrolled (a CNI ADD raced
+    /// ahead of the config): writes only `enrolled[cookie] = pod_ip`. With no
+    /// 15001 listener in the sockhash, the connect hooks refuse every
+    /// captured connect() from that netns with EPERM, and DNS the same way,
+    /// so nothing leaves uncaptured. A later [`Capture::enroll`] of the same
+    /// netns overwrites the entry with the full state. Returns `false` (and
+    /// changes nothing) when the cookie is already enrolled or held.
+    pub fn hold(&mut self, netns_cookie: u64, pod_ip: IpAddr) -> Result<bool, Error> {
+        let pod_ip = pod_ip.to_canonical();
+        match self.maps.enrolled.get(&netns_cookie, 0) {
+            Ok(_) => return Ok(false),
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(pod_map_err(pod_ip, maps::ENROLLED, "reading", e)),
+        }
+        self.maps
+            .enrolled
+            .insert(
+                netns_cookie,
+                EnrolledValue {
+                    pod_ip: IpKey::from(pod_ip),
+                },
+                BPF_ANY,
+            )
+            .map_err(|e| pod_map_err(pod_ip, maps::ENROLLED, "inserting a hold", e))?;
+        info!(%pod_ip, netns_cookie, "pod netns held closed until enrolled");
+        Ok(true)
+    }
+
+    /// Releases a hold made by [`Capture::hold`]. A netns that is fully
+    /// enrolled (its cookie is in `pods`) is left alone, so a late release
+    /// can never switch capture off for a running pod. Returns whether an
+    /// entry was removed.
+    pub fn release_hold(&mut self, netns_cookie: u64) -> Result<bool, Error> {
+        if self.enrolled_cookies()?.contains(&netns_cookie) {
+            return Ok(false);
+        }
+        match self.maps.enrolled.remove(&netns_cookie) {
+            Ok(()) => {
+                info!(netns_cookie, "pod netns hold released");
+                Ok(true)
+            }
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(source) => Err(Error::Map {
+                name: maps::ENROLLED,
+                source: Box::new(source),
+            }),
+        }
+    }
+
+    /// Holds in the pinned maps: `enrolled` entries whose cookie belongs to
+    /// no fully enrolled pod, as (netns cookie, pod IP). A restarted ztunnel
+    /// adopts them.
+    pub fn holds(&self) -> Result<Vec<(u64, IpAddr)>, Error> {
+        let enrolled = self.enrolled_cookies()?;
+        let mut out = Vec::new();
+        for entry in self.maps.enrolled.iter() {
+            let (cookie, value) = entry.map_err(|source| Error::Map {
+                name: maps::ENROLLED,
+                source: Box::new(source),
+            })?;
+            if !enrolled.contains(&cookie) {
+                out.push((cookie, IpAddr::from(value.pod_ip)));
+            }
+        }
+        Ok(out)
+    }
+
+    fn enrolled_cookies(&self) -> Result<Vec<u64>, Error> {
+        self.maps
+            .pods
+            .iter()
+            .map(|entry| {
+                entry
+                    .map(|(_, v)| v.netns_cookie)
+                    .map_err(|source| Error::Map {
+                        name: maps::PODS,
+                        source: Box::new(source),
+                    })
+            })
+            .collect()
+    }
+
     /// Pod IPs present in the pinned `pods` map (so a restarted ztunnel can
     /// reconcile pods that left while it was down).
     pub fn enrolled_pods(&self) -> Result<Vec<IpAddr>, Error> {

@@ -59,6 +59,8 @@ pub struct Settings {
     pub readiness_addr: SocketAddr,
     /// Admin listener; keep it on loopback.
     pub admin_addr: SocketAddr,
+    /// Unix socket of the CNI hook (`ztunnel cni`); `None`: no hook.
+    pub cni_socket: Option<PathBuf>,
 }
 
 /// Runs the node tunnel until SIGTERM or SIGINT. `log` changes the log filter at run time
@@ -143,6 +145,15 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
         tx,
         move |outcome| reloads.record(outcome),
     ));
+    // Bound before the first reconcile: an ADD that arrives early waits in the queue.
+    let mut cni_rx = match &settings.cni_socket {
+        Some(path) => {
+            let listener = crate::cni::server::bind(path)?;
+            info!(socket = %path.display(), "serving the CNI hook");
+            Some(crate::cni::server::spawn(listener))
+        }
+        None => None,
+    };
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
@@ -153,8 +164,13 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
     let mut netns_check = tokio::time::interval(NETNS_CHECK);
     netns_check.tick().await;
     loop {
-        let retry = outcome.pending > 0;
+        let retry = outcome.pending > 0 || outcome.held > 0;
         tokio::select! {
+            Some((req, reply)) = async { cni_rx.as_mut()?.recv().await }, if cni_rx.is_some() => {
+                let config = rx.borrow().clone();
+                let _ = reply.send(enroller.cni(&req, &config));
+                continue;
+            }
             _ = netns_check.tick() => enroller.drop_replaced_pods(),
             changed = rx.changed() => {
                 if changed.is_err() { break; }

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod admin;
 mod app;
 mod capture;
+mod cni;
 mod dns;
 mod enroll;
 mod metrics;
@@ -48,6 +49,23 @@ enum Command {
     /// Manage the local CA used in file/dev mode.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Chained CNI plugin: holds new pods closed until ztunnel enrolls them. Reads the CNI
+    /// environment and the network config on stdin (installed as `ambit-cni`, it runs
+    /// without the subcommand).
+    Cni,
+    /// Install the CNI plugin on this node (DaemonSet init container): copy this binary to
+    /// BIN_DIR/ambit-cni and chain it last into the first *.conflist in NET_DIR.
+    CniInstall {
+        /// The runtime's CNI binary directory.
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        /// The runtime's CNI config directory.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        net_dir: PathBuf,
+        /// The socket ztunnel serves (`ztunnel run --cni-socket`).
+        #[arg(long, default_value = cni::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Run the central certificate signer (see the `signer` module docs).
     Signer(Box<SignerArgs>),
 }
@@ -178,6 +196,9 @@ struct RunArgs {
     /// Admin (`/config_dump`, `/logging`); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
+    /// Serve the CNI hook on this Unix socket (mode 0600), e.g. /var/run/ambit/cni.sock.
+    #[arg(long)]
+    cni_socket: Option<PathBuf>,
 }
 
 /// Lifetimes of a new root and issuer.
@@ -305,7 +326,18 @@ fn raise_fd_limit() {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Runtimes call a CNI plugin by file name with no arguments, and read only its stdout.
+    if std::env::args_os()
+        .next()
+        .and_then(|a| PathBuf::from(a).file_name().map(|n| n == "ambit-cni"))
+        .unwrap_or(false)
+    {
+        std::process::exit(cni::plugin::main());
+    }
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Cni) {
+        std::process::exit(cni::plugin::main());
+    }
     // Logs to stderr, filtered by `RUST_LOG` (default `info`); `log` changes the filter.
     let log = ambit_shared::logging::init(matches!(cli.log_format, LogFormat::Json));
     match cli.command {
@@ -435,6 +467,20 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the tokio runtime")?;
             runtime.block_on(signer::run(settings))
         }
+        Command::Cni => Ok(()),
+        Command::CniInstall {
+            bin_dir,
+            net_dir,
+            socket,
+        } => {
+            let conflist = cni::install::install(&bin_dir, &net_dir, &socket)?;
+            println!(
+                "installed {} and chained it into {}",
+                bin_dir.join(cni::install::PLUGIN_NAME).display(),
+                conflist.display()
+            );
+            Ok(())
+        }
         Command::Run(args) => {
             let args = *args;
             raise_fd_limit();
@@ -460,6 +506,7 @@ fn main() -> anyhow::Result<()> {
                 metrics_addr: args.metrics_addr,
                 readiness_addr: args.readiness_addr,
                 admin_addr: args.admin_addr,
+                cni_socket: args.cni_socket,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
