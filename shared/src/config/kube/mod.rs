@@ -18,16 +18,16 @@ use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt};
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, warn};
 
-use super::watch::{ConfigSender, ReloadOutcome};
 use super::Config;
+use super::watch::{ConfigSender, ReloadOutcome};
 
 pub mod translate;
 
@@ -174,10 +174,28 @@ impl KubeSource {
             None => (Api::all(client.clone()), watcher::Config::default()),
         };
         waits.push(("namespaces", stores.namespaces.ready.subscribe()));
-        tasks.push(spawn_watch("namespaces", ns_api, ns_cfg, &stores.namespaces, &changed));
-        tasks.push(spawn_watch("pods", scoped(&client, ns), watcher::Config::default(), &stores.pods, &changed));
+        tasks.push(spawn_watch(
+            "namespaces",
+            ns_api,
+            ns_cfg,
+            &stores.namespaces,
+            &changed,
+        ));
+        tasks.push(spawn_watch(
+            "pods",
+            scoped(&client, ns),
+            watcher::Config::default(),
+            &stores.pods,
+            &changed,
+        ));
         waits.push(("pods", stores.pods.ready.subscribe()));
-        tasks.push(spawn_watch("services", scoped(&client, ns), watcher::Config::default(), &stores.services, &changed));
+        tasks.push(spawn_watch(
+            "services",
+            scoped(&client, ns),
+            watcher::Config::default(),
+            &stores.services,
+            &changed,
+        ));
         waits.push(("services", stores.services.ready.subscribe()));
         tasks.push(spawn_watch(
             "endpointslices",
@@ -188,21 +206,66 @@ impl KubeSource {
         ));
         waits.push(("endpointslices", stores.endpoint_slices.ready.subscribe()));
         let dynamic = [
-            ("authorizationpolicies", AMBIT_GROUP, AMBIT_VERSION, "AuthorizationPolicy", &stores.authorization_policies),
-            ("peerauthentications", AMBIT_GROUP, AMBIT_VERSION, "PeerAuthentication", &stores.peer_authentications),
-            ("trafficpolicies", AMBIT_GROUP, AMBIT_VERSION, "TrafficPolicy", &stores.traffic_policies),
-            ("gateways", crate::config::model::GATEWAY_API_GROUP, "v1", "Gateway", &stores.gateways),
-            ("httproutes", crate::config::model::GATEWAY_API_GROUP, "v1", "HTTPRoute", &stores.http_routes),
-            ("grpcroutes", crate::config::model::GATEWAY_API_GROUP, "v1", "GRPCRoute", &stores.grpc_routes),
+            (
+                "authorizationpolicies",
+                AMBIT_GROUP,
+                AMBIT_VERSION,
+                "AuthorizationPolicy",
+                &stores.authorization_policies,
+            ),
+            (
+                "peerauthentications",
+                AMBIT_GROUP,
+                AMBIT_VERSION,
+                "PeerAuthentication",
+                &stores.peer_authentications,
+            ),
+            (
+                "trafficpolicies",
+                AMBIT_GROUP,
+                AMBIT_VERSION,
+                "TrafficPolicy",
+                &stores.traffic_policies,
+            ),
+            (
+                "gateways",
+                crate::config::model::GATEWAY_API_GROUP,
+                "v1",
+                "Gateway",
+                &stores.gateways,
+            ),
+            (
+                "httproutes",
+                crate::config::model::GATEWAY_API_GROUP,
+                "v1",
+                "HTTPRoute",
+                &stores.http_routes,
+            ),
+            (
+                "grpcroutes",
+                crate::config::model::GATEWAY_API_GROUP,
+                "v1",
+                "GRPCRoute",
+                &stores.grpc_routes,
+            ),
         ];
         for (plural, group, version, kind, store) in dynamic {
-            let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+            let ar = ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk(group, version, kind),
+                plural,
+            );
             let api = match ns {
                 Some(n) => Api::<DynamicObject>::namespaced_with(client.clone(), n, &ar),
                 None => Api::all_with(client.clone(), &ar),
             };
             waits.push((plural, store.ready.subscribe()));
-            tasks.push(spawn_watch(plural, api, watcher::Config::default(), store, &changed));
+            tasks.push(spawn_watch(
+                plural,
+                api,
+                watcher::Config::default(),
+                store,
+                &changed,
+            ));
         }
 
         let source = KubeSource {
@@ -234,8 +297,12 @@ impl KubeSource {
     /// The initial config, to create the [`ConfigSender`] from.
     pub fn initial(&self) -> Result<ConfigSender, KubeError> {
         let config = self.build().map_err(KubeError::Invalid)?;
-        info!(namespaces = config.namespaces.len(), workloads = config.workloads.len(),
-            services = config.services.len(), "initial config from Kubernetes");
+        info!(
+            namespaces = config.namespaces.len(),
+            workloads = config.workloads.len(),
+            services = config.services.len(),
+            "initial config from Kubernetes"
+        );
         Ok(watch::Sender::new(Arc::new(config)))
     }
 
@@ -255,8 +322,11 @@ impl KubeSource {
                 Ok(c) if c == **tx.borrow() => {}
                 Ok(c) => {
                     observe(ReloadOutcome::Applied);
-                    info!(workloads = c.workloads.len(), services = c.services.len(),
-                        "config updated from Kubernetes");
+                    info!(
+                        workloads = c.workloads.len(),
+                        services = c.services.len(),
+                        "config updated from Kubernetes"
+                    );
                     tx.send_replace(Arc::new(c));
                 }
                 Err(e) => {

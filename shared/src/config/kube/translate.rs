@@ -172,9 +172,12 @@ pub fn service(
         if text.is_empty() || text == "None" {
             continue;
         }
-        let ip: IpAddr = text
-            .parse()
-            .map_err(|_| err(&format!("spec.clusterIPs[{i}]"), format!("`{text}` is not an IP address")))?;
+        let ip: IpAddr = text.parse().map_err(|_| {
+            err(
+                &format!("spec.clusterIPs[{i}]"),
+                format!("`{text}` is not an IP address"),
+            )
+        })?;
         if !vips.contains(&ip) {
             vips.push(ip);
         }
@@ -192,9 +195,10 @@ pub fn service(
             .map_err(|_| err(&format!("{at}.port"), format!("{} is not a port", p.port)))?;
         let target_port = match &p.target_port {
             None => None,
-            Some(IntOrString::Int(n)) => Some(u16::try_from(*n).map_err(|_| {
-                err(&format!("{at}.targetPort"), format!("{n} is not a port"))
-            })?),
+            Some(IntOrString::Int(n)) => Some(
+                u16::try_from(*n)
+                    .map_err(|_| err(&format!("{at}.targetPort"), format!("{n} is not a port")))?,
+            ),
             Some(IntOrString::String(name)) => {
                 let found = slices
                     .iter()
@@ -365,7 +369,8 @@ pub fn route(kind: &str, obj: &DynamicObject) -> Result<Route, ObjectError> {
         // The model reads `apiVersion`/`kind`; a list item may omit them.
         m.entry("apiVersion")
             .or_insert_with(|| Value::String(crate::config::model::GATEWAY_API_VERSION.into()));
-        m.entry("kind").or_insert_with(|| Value::String(kind.into()));
+        m.entry("kind")
+            .or_insert_with(|| Value::String(kind.into()));
     }
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
@@ -419,7 +424,15 @@ pub fn snapshot(
         config.namespaces.push(n);
     }
     let mut known_pods = BTreeSet::new();
-    for p in sorted(&objects.pods) {
+    // Oldest first: when two pods claim one address, validation blames the later claim,
+    // so the pod that had it first keeps it.
+    let mut pods = sorted(&objects.pods);
+    pods.sort_by(|a, b| {
+        a.metadata
+            .creation_timestamp
+            .cmp(&b.metadata.creation_timestamp)
+    });
+    for p in pods {
         if let Some(w) = pod(p) {
             known_pods.insert((w.namespace.clone(), w.name.clone()));
             origins.push("workloads", "Pod", &w.namespace, &w.name);
@@ -453,12 +466,22 @@ pub fn snapshot(
         }
     }
     let add = |list: &'static str, kind: &str, obj: &DynamicObject, origins: &mut Origins| {
-        origins.push(list, kind, &obj.namespace().unwrap_or_default(), &obj.name_any());
+        origins.push(
+            list,
+            kind,
+            &obj.namespace().unwrap_or_default(),
+            &obj.name_any(),
+        );
     };
     for o in sorted(&objects.authorization_policies) {
         match authorization_policy(o) {
             Ok(p) => {
-                add("authorizationPolicies", "AuthorizationPolicy", o, &mut origins);
+                add(
+                    "authorizationPolicies",
+                    "AuthorizationPolicy",
+                    o,
+                    &mut origins,
+                );
                 config.authorization_policies.push(p);
             }
             Err(e) => errors.push(e),
@@ -517,6 +540,18 @@ pub fn snapshot(
         let (kind, namespace, name) = origin.remove(index);
         if !remove_at(&mut config, list, index) {
             return Err(unowned(invalid));
+        }
+        if list == "workloads" {
+            // Services keep their other endpoints rather than failing over this one.
+            for s in config
+                .services
+                .iter_mut()
+                .filter(|s| s.namespace == namespace)
+            {
+                if let Some(eps) = s.endpoints.as_mut() {
+                    eps.retain(|e| e.workload.as_deref() != Some(name.as_str()));
+                }
+            }
         }
         errors.push(ObjectError {
             kind,
