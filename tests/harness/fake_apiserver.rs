@@ -543,9 +543,9 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Reply> {
         .query()
         .unwrap_or_default()
         .split('&')
-        .filter_map(|kv| {
+        .map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            Some((k.to_string(), percent_decode(v)))
+            (k.to_string(), percent_decode(v))
         })
         .collect();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();

@@ -271,3 +271,82 @@ fn namespace_label_enrolls_pods_through_the_api_server_and_survives_its_failures
     assert!(zt_a.pid().is_some() && zt_b.pid().is_some());
     Ok(())
 }
+
+/// The config source itself against the fake server on loopback (no privileges needed):
+/// initial list, live changes, a dropped watch, a 410 Gone and the server going away.
+#[test]
+fn source_follows_the_api_server_through_disconnects_410_and_outage() -> Result<()> {
+    use ambit_shared::config::kube::{KubeSettings, KubeSource};
+
+    let mut server = FakeApiServer::start("127.0.0.1:0".parse()?)?;
+    server.apply(namespace(json!({})))?;
+    let pod = |name: &str, ip: &str| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"nodeName": "a", "containers": [{"name": "app"}]},
+            "status": {"phase": "Running", "podIP": ip}})
+    };
+    server.apply(pod("one", "10.9.0.1"))?;
+
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let settings = KubeSettings {
+            url: Some(server.url().parse()?),
+            trust_domain: "cluster.local".into(),
+            namespace: None,
+        };
+        let source = KubeSource::start(&settings, Duration::from_secs(30)).await?;
+        let tx = source.initial()?;
+        let mut rx = tx.subscribe();
+        assert_eq!(rx.borrow().workloads.len(), 1);
+        let task = tokio::spawn(source.run(tx, |_| {}));
+
+        let wait_for = |rx: &mut tokio::sync::watch::Receiver<_>, n: usize, what: &'static str| {
+            let mut rx = rx.clone();
+            async move {
+                tokio::time::timeout(
+                    LONG,
+                    rx.wait_for(|c: &std::sync::Arc<ambit_shared::config::Config>| {
+                        c.workloads.len() == n
+                    }),
+                )
+                .await
+                .with_context(|| format!("{what}: no config with {n} workloads"))?
+                .map(|_| ())
+                .context("sender gone")
+            }
+        };
+
+        // A live change.
+        server.apply(pod("two", "10.9.0.2"))?;
+        wait_for(&mut rx, 2, "live add").await?;
+
+        // A dropped watch: resumed from its version, the change made meanwhile arrives.
+        let watches = server.watches();
+        server.disconnect_watches();
+        server.apply(pod("three", "10.9.0.3"))?;
+        wait_for(&mut rx, 3, "after a disconnect").await?;
+        anyhow::ensure!(server.watches() > watches, "no re-watch");
+
+        // 410 Gone: the history is compacted, the watchers must relist.
+        let lists = server.lists();
+        server.compact_and_disconnect();
+        server.delete("v1", "Pod", "shop", "one");
+        wait_for(&mut rx, 2, "after a 410").await?;
+        anyhow::ensure!(server.gone() > 0, "no 410 was served");
+        anyhow::ensure!(server.lists() > lists, "no relist after 410");
+
+        // The server goes away: the last good config stays.
+        server.stop();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let names: Vec<String> = rx
+            .borrow()
+            .workloads
+            .iter()
+            .map(|w| w.name.clone())
+            .collect();
+        assert_eq!(names, vec!["three".to_string(), "two".to_string()]);
+        task.abort();
+        Ok::<_, anyhow::Error>(())
+    })
+}

@@ -109,10 +109,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     let metrics = Metrics::new(&mut registry);
 
     let reload_metrics = metrics.clone();
-    let (config, config_task) = source::start(&settings.source, move |o| {
-        reload_metrics.config_reload(o)
-    })
-    .await?;
+    let (config, config_task) =
+        source::start(&settings.source, move |o| reload_metrics.config_reload(o)).await?;
     let trust_domain = config.borrow().trust_domain.clone();
     let service_account = settings.service_account.clone().unwrap_or_else(|| {
         config

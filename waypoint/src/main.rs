@@ -140,16 +140,20 @@ fn config_source(
                 .map(|u| u.parse::<http::Uri>())
                 .transpose()
                 .context("--kube-url is not a URL")?;
-            Ok(Source::Kubernetes(ambit_shared::config::kube::KubeSettings {
-                url,
-                trust_domain,
-                namespace,
-            }))
+            Ok(Source::Kubernetes(
+                ambit_shared::config::kube::KubeSettings {
+                    url,
+                    trust_domain,
+                    namespace,
+                },
+            ))
         }
         #[cfg(not(feature = "kubernetes"))]
         ConfigSourceKind::Kubernetes => {
             let _ = (kube_url, trust_domain, namespace);
-            anyhow::bail!("--config-source kubernetes: this binary was built without the `kubernetes` feature")
+            anyhow::bail!(
+                "--config-source kubernetes: this binary was built without the `kubernetes` feature"
+            )
         }
     }
 }

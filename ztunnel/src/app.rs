@@ -70,10 +70,8 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
     let reloads = ConfigReloads::new(ambit);
     let cert_metrics = CertMetrics::new(ambit);
 
-    let (mut rx, config_task) = source::start(&settings.source, move |outcome| {
-        reloads.record(outcome)
-    })
-    .await?;
+    let (mut rx, config_task) =
+        source::start(&settings.source, move |outcome| reloads.record(outcome)).await?;
     let trust_domain = rx.borrow().trust_domain.clone();
     let ca_paths = CaPaths::new(&settings.ca_dir);
     let ca = LocalCa::load(&ca_paths)

@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ambit_shared::config::source::Source;
 use ambit_shared::ca::{self, CaPaths, LocalCa, Validity};
+use ambit_shared::config::source::Source;
 use ambit_shared::hbone::PoolConfig;
 use ambit_shared::tls::CertInfo;
 use anyhow::Context;
@@ -134,16 +134,20 @@ fn config_source(
                 .map(|u| u.parse::<http::Uri>())
                 .transpose()
                 .context("--kube-url is not a URL")?;
-            Ok(Source::Kubernetes(ambit_shared::config::kube::KubeSettings {
-                url,
-                trust_domain,
-                namespace,
-            }))
+            Ok(Source::Kubernetes(
+                ambit_shared::config::kube::KubeSettings {
+                    url,
+                    trust_domain,
+                    namespace,
+                },
+            ))
         }
         #[cfg(not(feature = "kubernetes"))]
         ConfigSourceKind::Kubernetes => {
             let _ = (kube_url, trust_domain, namespace);
-            anyhow::bail!("--config-source kubernetes: this binary was built without the `kubernetes` feature")
+            anyhow::bail!(
+                "--config-source kubernetes: this binary was built without the `kubernetes` feature"
+            )
         }
     }
 }
