@@ -188,6 +188,7 @@ struct Counters {
     lists: AtomicU64,
     watches: AtomicU64,
     gone: AtomicU64,
+    bookmarks: AtomicU64,
 }
 
 struct Shared {
@@ -395,6 +396,11 @@ impl FakeApiServer {
     /// Watches answered with 410 Gone so far.
     pub fn gone(&self) -> u64 {
         self.shared.counters.gone.load(Ordering::Relaxed)
+    }
+
+    /// `BOOKMARK` events sent so far.
+    pub fn bookmarks(&self) -> u64 {
+        self.shared.counters.bookmarks.load(Ordering::Relaxed)
     }
 
     /// The current resourceVersion.
@@ -677,6 +683,7 @@ fn watch(
                 if tx.send(event_line("BOOKMARK", &mark)).is_err() {
                     return;
                 }
+                shared.counters.bookmarks.fetch_add(1, Ordering::Relaxed);
             }
         });
     }

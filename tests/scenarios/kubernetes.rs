@@ -321,6 +321,19 @@ fn source_follows_the_api_server_through_disconnects_410_and_outage() -> Result<
         server.apply(pod("two", "10.9.0.2"))?;
         wait_for(&mut rx, 2, "live add").await?;
 
+        // Bookmarks (every 2 s) are understood: the watches carry on after them.
+        tokio::time::timeout(LONG, async {
+            while server.bookmarks() == 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .context("no bookmark sent")?;
+        server.apply(pod("four", "10.9.0.4"))?;
+        wait_for(&mut rx, 3, "after a bookmark").await?;
+        server.delete("v1", "Pod", "shop", "four");
+        wait_for(&mut rx, 2, "after a bookmark").await?;
+
         // A dropped watch: resumed from its version, the change made meanwhile arrives.
         let watches = server.watches();
         server.disconnect_watches();
