@@ -194,6 +194,8 @@ struct Counters {
 struct Shared {
     state: Mutex<State>,
     counters: Counters,
+    /// Every request's path and query, in order.
+    requests: Mutex<Vec<String>>,
 }
 
 /// A running fake API server; stops on drop.
@@ -215,6 +217,7 @@ impl FakeApiServer {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             counters: Counters::default(),
+            requests: Mutex::new(Vec::new()),
         });
         let (stop_tx, stop_rx) = oneshot::channel();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -403,6 +406,11 @@ impl FakeApiServer {
         self.shared.counters.bookmarks.load(Ordering::Relaxed)
     }
 
+    /// Every request served so far, as `path?query`.
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.requests.lock().clone()
+    }
+
     /// The current resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.shared.state.lock().rv
@@ -544,6 +552,7 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Reply> {
         );
     }
     let path = req.uri().path().to_string();
+    shared.requests.lock().push(req.uri().to_string());
     let query: BTreeMap<String, String> = req
         .uri()
         .query()
