@@ -372,11 +372,13 @@ fn waypoint_watches_only_its_namespace() -> Result<()> {
     server.apply(namespace(json!({"ambit.dev/dataplane-mode": "ambient"})))?;
     server.apply(json!({"apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": "other"}}))?;
-    server.apply(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+    server.apply(
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
         "metadata": {"name": "shop-waypoint", "namespace": "shop",
             "annotations": {"ambit.dev/service-account": "waypoint-sa"}},
         "spec": {"gatewayClassName": "ambit-waypoint",
-            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}))?;
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+    )?;
 
     let dir = std::env::temp_dir().join(format!("ambit-k8s-waypoint-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -385,15 +387,25 @@ fn waypoint_watches_only_its_namespace() -> Result<()> {
         .args(["ca", "init", "--dir"])
         .arg(&ca)
         .output()?;
-    ensure!(init.status.success(), "ca init: {}", String::from_utf8_lossy(&init.stderr));
+    ensure!(
+        init.status.success(),
+        "ca init: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
 
     let mut cmd = std::process::Command::new(harness::bin_path("waypoint")?);
-    cmd.args(["run", "--config-source", "kubernetes", "--kube-url", &server.url()])
-        .args(["--name", "shop-waypoint", "--namespace", "shop", "--ca-dir"])
-        .arg(&ca)
-        .args(["--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
-        .args(["--readiness-addr", "127.0.0.1:0"])
-        .env("NO_COLOR", "1");
+    cmd.args([
+        "run",
+        "--config-source",
+        "kubernetes",
+        "--kube-url",
+        &server.url(),
+    ])
+    .args(["--name", "shop-waypoint", "--namespace", "shop", "--ca-dir"])
+    .arg(&ca)
+    .args(["--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+    .args(["--readiness-addr", "127.0.0.1:0"])
+    .env("NO_COLOR", "1");
     let wp = harness::Proc::spawn(&mut cmd, "waypoint", None)?;
     let ready = wp.wait_for_line(LONG, |l| l.contains("waypoint ready"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -412,7 +424,10 @@ fn waypoint_watches_only_its_namespace() -> Result<()> {
                 "namespaces watched by name only: {r}"
             );
         } else {
-            assert!(r.contains("/namespaces/shop/"), "not scoped to its namespace: {r}");
+            assert!(
+                r.contains("/namespaces/shop/"),
+                "not scoped to its namespace: {r}"
+            );
         }
     }
     Ok(())
