@@ -196,6 +196,8 @@ struct Shared {
     counters: Counters,
     /// Every request's path and query, in order.
     requests: Mutex<Vec<String>>,
+    /// Resources answered with 404.
+    unserved: Mutex<Vec<String>>,
 }
 
 /// A running fake API server; stops on drop.
@@ -218,6 +220,7 @@ impl FakeApiServer {
             state: Mutex::new(State::default()),
             counters: Counters::default(),
             requests: Mutex::new(Vec::new()),
+            unserved: Mutex::new(Vec::new()),
         });
         let (stop_tx, stop_rx) = oneshot::channel();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -406,6 +409,12 @@ impl FakeApiServer {
         self.shared.counters.bookmarks.load(Ordering::Relaxed)
     }
 
+    /// Stops serving `resource` (plural, e.g. `grpcroutes`): its requests get 404, as for
+    /// a CRD that is not installed.
+    pub fn unserve(&self, resource: &str) {
+        self.shared.unserved.lock().push(resource.to_string());
+    }
+
     /// Every request served so far, as `path?query`.
     pub fn requests(&self) -> Vec<String> {
         self.shared.requests.lock().clone()
@@ -578,6 +587,9 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Reply> {
     let Some(kind) = Kind::by_path(group, version, resource) else {
         return not_found(&path);
     };
+    if shared.unserved.lock().iter().any(|r| r == resource) {
+        return not_found(&path);
+    }
     let name = query
         .get("fieldSelector")
         .and_then(|f| f.strip_prefix("metadata.name="))

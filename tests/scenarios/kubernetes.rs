@@ -287,6 +287,8 @@ fn source_follows_the_api_server_through_disconnects_410_and_outage() -> Result<
             "status": {"phase": "Running", "podIP": ip}})
     };
     server.apply(pod("one", "10.9.0.1"))?;
+    // A cluster without this CRD: the source still starts.
+    server.unserve("grpcroutes");
 
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {

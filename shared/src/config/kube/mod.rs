@@ -369,6 +369,20 @@ where
             let event = match event {
                 Ok(e) => e,
                 Err(e) => {
+                    // A kind whose CRD is not installed (e.g. no Gateway API) lists as 404:
+                    // it counts as synced and empty, so the proxy still starts, and the
+                    // watcher keeps trying in case the CRD appears.
+                    if let watcher::Error::InitialListFailed(kube::Error::Api(r)) = &e
+                        && r.code == 404
+                        && !*store.ready.borrow()
+                    {
+                        info!(
+                            kind = what,
+                            "not served by the API server (CRD not installed?); treating it as empty"
+                        );
+                        store.ready.send_replace(true);
+                        changed.notify_one();
+                    }
                     // The watcher retries (with backoff); the store keeps the last state.
                     warn!(kind = what, error = %e, "Kubernetes watch failed; retrying");
                     continue;
