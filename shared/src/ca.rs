@@ -551,6 +551,85 @@ impl LocalCa {
     /// Issues a leaf certificate for `identity`, valid for `ttl` (capped at the issuer's expiry).
     pub fn issue(&self, identity: &Identity, ttl: Duration) -> Result<IssuedCert, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let params = self.leaf_params(identity, ttl)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert {
+            identity: identity.clone(),
+            chain: vec![cert.der().clone(), self.issuer_der.clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            not_before: params.not_before,
+            not_after: params.not_after,
+        })
+    }
+
+    /// Signs a leaf for `identity` over the public key of a certificate signing request
+    /// whose private key stays with the requester (the central signer's path). Nothing of
+    /// the request but its key is used: the names, usages and lifetime are the issuer's,
+    /// exactly as [`LocalCa::issue`] sets them. The caller checks the request's names.
+    pub fn sign_request(
+        &self,
+        request: &rcgen::CertificateSigningRequestParams,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<SignedCert, CaError> {
+        let params = self.leaf_params(identity, ttl)?;
+        let signing = rcgen::CertificateSigningRequestParams {
+            params,
+            public_key: request.public_key.clone(),
+        };
+        let cert = signing.signed_by(&self.issuer)?;
+        Ok(SignedCert {
+            chain: vec![cert.der().clone(), self.issuer_der.clone()],
+            not_before: signing.params.not_before,
+            not_after: signing.params.not_after,
+        })
+    }
+
+    /// Issues a TLS server certificate for DNS names and IP addresses (the central signer's
+    /// own serving certificate), valid for `ttl` (capped at the issuer's expiry).
+    pub fn issue_serving(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let now = OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Ambit");
+        if let Some(first) = dns_names.first() {
+            dn.push(DnType::CommonName, first.as_str());
+        }
+        params.distinguished_name = dn;
+        for name in dns_names {
+            let name = name
+                .clone()
+                .try_into()
+                .map_err(|_| CaError::Generate(rcgen::Error::CouldNotParseCertificate))?;
+            params.subject_alt_names.push(SanType::DnsName(name));
+        }
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = now - CLOCK_SKEW_ALLOWANCE;
+        params.not_after = (now + ttl).min(self.issuer_not_after);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((
+            vec![cert.der().clone(), self.issuer_der.clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        ))
+    }
+
+    fn leaf_params(
+        &self,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<CertificateParams, CaError> {
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
         // SPIFFE X.509-SVIDs carry the identity in the URI SAN; the subject stays empty-ish.
@@ -574,15 +653,19 @@ impl LocalCa {
         params.use_authority_key_identifier_extension = true;
         params.not_before = now - CLOCK_SKEW_ALLOWANCE;
         params.not_after = (now + ttl).min(self.issuer_not_after);
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCert {
-            identity: identity.clone(),
-            chain: vec![cert.der().clone(), self.issuer_der.clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            not_before: params.not_before,
-            not_after: params.not_after,
-        })
+        Ok(params)
     }
+}
+
+/// A leaf signed over a requester's public key: no private key here.
+#[derive(Debug)]
+pub struct SignedCert {
+    /// Leaf first, then the issuer.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Start of validity.
+    pub not_before: OffsetDateTime,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
 }
 
 /// Writes an issued certificate as `cert.pem` (leaf then issuer) and `key.pem` into `dir`.

@@ -13,13 +13,20 @@
 //! one, if it does not load, and a new issuer is refused unless the bundle trusts it.
 //! [`warn_expiring`] logs, rate-limited, any certificate close to expiry.
 //!
+//! Certificates come from a [`CertificateSource`]: the local CA in file mode, or the
+//! central signer ([`crate::signer::client::RemoteSigner`], `--signer`), which caps their
+//! lifetime, keeps its issuer to itself and sends the trust bundle with every certificate.
+//! [`watch_ca`] only applies to the local CA.
+//!
 //! The node tunnel manages one certificate per local workload identity; the waypoint
 //! manages one, its own. Metrics stay with each binary: they observe renewals and reloads
 //! through [`CertEvents`].
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -66,6 +73,15 @@ pub enum CertError {
         /// Why.
         #[source]
         source: CaError,
+    },
+    /// The central signer refused or could not be reached.
+    #[error("obtaining a certificate for {identity} from the signer: {source}")]
+    Signer {
+        /// For whom.
+        identity: Identity,
+        /// Why.
+        #[source]
+        source: crate::signer::client::SignerError,
     },
     /// The issued certificate could not be loaded into rustls.
     #[error("loading the certificate for {identity}: {source}")]
@@ -137,23 +153,37 @@ impl CertEvents for NoEvents {
 
 // === sources ===
 
-/// Anything that signs workload certificates (the local CA now; a central signer later).
+/// What [`CertificateSource::issue`] returns.
+pub type IssueFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<WorkloadCert, CertError>> + Send + 'a>>;
+
+/// Anything that signs workload certificates: the local CA (file mode) or the central
+/// signer ([`crate::signer::client::RemoteSigner`]). Asynchronous because the signer is a
+/// network call; the local CA answers at once.
 pub trait CertificateSource: Send + Sync + 'static {
-    /// Issues a certificate for `identity` valid for `ttl`.
-    fn issue(&self, identity: &Identity, ttl: Duration) -> Result<WorkloadCert, CertError>;
+    /// Issues a certificate for `identity` valid for `ttl` (the source may cap it).
+    fn issue<'a>(&'a self, identity: &'a Identity, ttl: Duration) -> IssueFuture<'a>;
 }
 
 impl CertificateSource for LocalCa {
-    fn issue(&self, identity: &Identity, ttl: Duration) -> Result<WorkloadCert, CertError> {
-        let issued = LocalCa::issue(self, identity, ttl).map_err(|source| CertError::Issue {
-            identity: identity.clone(),
-            source,
-        })?;
-        WorkloadCert::from_issued(issued).map_err(|source| CertError::Load {
-            identity: identity.clone(),
-            source,
-        })
+    fn issue<'a>(&'a self, identity: &'a Identity, ttl: Duration) -> IssueFuture<'a> {
+        Box::pin(std::future::ready(issue_local(self, identity, ttl)))
     }
+}
+
+fn issue_local(
+    ca: &LocalCa,
+    identity: &Identity,
+    ttl: Duration,
+) -> Result<WorkloadCert, CertError> {
+    let issued = LocalCa::issue(ca, identity, ttl).map_err(|source| CertError::Issue {
+        identity: identity.clone(),
+        source,
+    })?;
+    WorkloadCert::from_issued(issued).map_err(|source| CertError::Load {
+        identity: identity.clone(),
+        source,
+    })
 }
 
 /// The local CA's issuer, replaceable while certificates are being issued.
@@ -178,9 +208,9 @@ impl LocalIssuer {
 }
 
 impl CertificateSource for LocalIssuer {
-    fn issue(&self, identity: &Identity, ttl: Duration) -> Result<WorkloadCert, CertError> {
+    fn issue<'a>(&'a self, identity: &'a Identity, ttl: Duration) -> IssueFuture<'a> {
         let ca: &LocalCa = &self.0.load();
-        CertificateSource::issue(ca, identity, ttl)
+        Box::pin(std::future::ready(issue_local(ca, identity, ttl)))
     }
 }
 
@@ -238,24 +268,26 @@ impl CertManager {
 
     /// The certificate for `identity`, issuing it (and starting its renewal on the current
     /// runtime) on first use.
-    pub fn get(&self, identity: &Identity) -> Result<Arc<IdentityCert>, CertError> {
+    pub async fn get(&self, identity: &Identity) -> Result<Arc<IdentityCert>, CertError> {
         if let Some(c) = self.certs.lock().get(identity) {
             return Ok(c.clone());
         }
         // Subscribed before issuing: an issuer change from here on renews this certificate.
         let epoch = self.issuer_epoch.subscribe();
-        let cert = self.source.issue(identity, self.ttl)?;
+        let cert = self.source.issue(identity, self.ttl).await?;
         info!(identity = %identity, not_after = %cert.not_after, "issued workload certificate");
         let entry = Arc::new(IdentityCert {
             slot: Arc::new(CertSlot::new(cert)),
             generation: AtomicU64::new(1),
         });
-        let entry = self
-            .certs
-            .lock()
-            .entry(identity.clone())
-            .or_insert(entry)
-            .clone();
+        // Two first uses may race while issuing: the first to finish wins and only it
+        // starts a renewal task.
+        match self.certs.lock().entry(identity.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => return Ok(e.get().clone()),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(entry.clone());
+            }
+        }
         tokio::spawn(renew(
             self.clone(),
             identity.clone(),
@@ -319,7 +351,7 @@ async fn renew(
             let Some(current) = entry.upgrade() else {
                 return;
             };
-            match manager.source.issue(&identity, manager.ttl) {
+            match manager.source.issue(&identity, manager.ttl).await {
                 Ok(new) => {
                     info!(identity = %identity, not_after = %new.not_after, reason = reason.as_str(),
                         "renewed workload certificate");
@@ -384,8 +416,9 @@ pub struct Expiry {
 pub struct Certificates {
     /// Workload certificates.
     pub certs: CertManager,
-    /// The issuer in force.
-    pub issuer: Arc<LocalIssuer>,
+    /// The local issuer in force; `None` when certificates come from the central signer,
+    /// which keeps its issuer to itself.
+    pub issuer: Option<Arc<LocalIssuer>>,
     /// The trust bundle in force.
     pub bundle: SharedBundle,
 }
@@ -403,7 +436,24 @@ impl Certificates {
         let issuer = Arc::new(LocalIssuer::new(ca));
         Ok(Certificates {
             certs: CertManager::new(issuer.clone(), ttl, events),
-            issuer,
+            issuer: Some(issuer),
+            bundle,
+        })
+    }
+
+    /// Connects to the central signer (fetching its trust bundle) and starts a manager
+    /// obtaining certificates from it, asking for `ttl` (the signer may cap it).
+    pub async fn load_remote(
+        config: &crate::signer::client::SignerConfig,
+        ttl: Duration,
+        events: Arc<dyn CertEvents>,
+    ) -> Result<Self, crate::signer::client::SignerError> {
+        let (signer, bundle) = crate::signer::client::RemoteSigner::connect(config).await?;
+        let signer = Arc::new(signer);
+        tokio::spawn(signer.clone().watch_bundle(events.clone()));
+        Ok(Certificates {
+            certs: CertManager::new(signer, ttl, events),
+            issuer: None,
             bundle,
         })
     }
@@ -420,9 +470,22 @@ impl Certificates {
             .collect()
     }
 
-    /// Details of the issuer in force.
+    /// Details of the issuer in force: the local one, or with the central signer the one
+    /// that signed the most recent leaf.
     pub fn issuer_info(&self) -> Option<CertInfo> {
-        CertInfo::parse(self.issuer.current().issuer_cert()).ok()
+        match &self.issuer {
+            Some(issuer) => CertInfo::parse(issuer.current().issuer_cert()).ok(),
+            None => self
+                .certs
+                .certificates()
+                .into_iter()
+                .filter_map(|(_, cert, _)| {
+                    let issuer = CertInfo::parse(cert.certified.cert.get(1)?).ok()?;
+                    Some((cert.not_after, issuer))
+                })
+                .max_by_key(|(not_after, _)| *not_after)
+                .map(|(_, issuer)| issuer),
+        }
     }
 
     /// Details of every root in the bundle in force.
@@ -461,6 +524,28 @@ impl Certificates {
     }
 }
 
+/// Connects to the central signer, retrying with backoff until it answers: a node tunnel
+/// or waypoint without certificates has nothing to serve, and the signer may start after
+/// it.
+pub async fn connect_signer(
+    config: &crate::signer::client::SignerConfig,
+    ttl: Duration,
+    events: Arc<dyn CertEvents>,
+) -> Certificates {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        match Certificates::load_remote(config, ttl, events.clone()).await {
+            Ok(certs) => return certs,
+            Err(e) => {
+                warn!(signer = %config.url, error = %e, retry_in = ?backoff,
+                    "cannot reach the certificate signer; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
 /// The local CA could not be loaded at start.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -475,6 +560,10 @@ pub enum LoadError {
 /// Polls the CA directory and puts changed files in force (see the module docs). Runs
 /// until the task is dropped.
 pub async fn watch_ca(paths: CaPaths, certs: Certificates, events: Arc<dyn CertEvents>) {
+    let Some(local_issuer) = certs.issuer.clone() else {
+        // Certificates come from the central signer, which watches its own files.
+        return;
+    };
     let mut last_bundle = std::fs::read(paths.bundle()).ok();
     let mut last_issuer = read_issuer(&paths);
     let mut tick = tokio::time::interval(CA_POLL_INTERVAL);
@@ -529,7 +618,7 @@ pub async fn watch_ca(paths: CaPaths, certs: Certificates, events: Arc<dyn CertE
                 continue;
             }
         };
-        if ca.issuer_cert() == certs.issuer.current().issuer_cert() {
+        if ca.issuer_cert() == local_issuer.current().issuer_cert() {
             continue;
         }
         if let Err(e) = trusted_by(&ca, &certs.bundle.current()) {
@@ -539,7 +628,7 @@ pub async fn watch_ca(paths: CaPaths, certs: Certificates, events: Arc<dyn CertE
             continue;
         }
         let info = CertInfo::parse(ca.issuer_cert()).ok();
-        certs.issuer.replace(ca);
+        local_issuer.replace(ca);
         events.ca_reload(CaFile::Issuer, true);
         info!(issuer = %info.as_ref().map(|i| i.common_name.as_str()).unwrap_or_default(),
             serial = %info.as_ref().map(|i| i.serial.as_str()).unwrap_or_default(),
@@ -580,9 +669,11 @@ pub async fn warn_expiring(certs: Certificates) {
         tick.tick().await;
         let now = OffsetDateTime::now_utc();
         let mut due = Vec::new();
-        // Against the configured lifetime: not_before is back-dated for clock skew.
-        let ttl = certs.certs.ttl.as_secs_f64();
+        // Against the configured lifetime (not_before is back-dated for clock skew), or the
+        // leaf's own when the signer capped it shorter.
         for (id, info, _) in certs.leaves() {
+            let lifetime = (info.not_after - info.not_before).as_seconds_f64();
+            let ttl = certs.certs.ttl.as_secs_f64().min(lifetime);
             let left = info.seconds_left(now);
             if (left as f64) < ttl * LEAF_WARN_FRACTION {
                 due.push((CertKind::Leaf, id.to_string(), info));
@@ -653,8 +744,8 @@ mod tests {
         let id: Identity = "spiffe://cluster.local/ns/shop/sa/waypoint"
             .parse()
             .expect("identity");
-        let a = certs.certs.get(&id).expect("issued");
-        let b = certs.certs.get(&id).expect("cached");
+        let a = certs.certs.get(&id).await.expect("issued");
+        let b = certs.certs.get(&id).await.expect("cached");
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(a.generation(), 1);
         tokio::time::timeout(Duration::from_secs(10), async {

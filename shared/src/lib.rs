@@ -10,6 +10,7 @@
 //! - [`tls`]: rustls configurations that check SPIFFE identities.
 //! - [`hbone`]: HTTP/2 CONNECT tunnels (client pool, server helpers, stream adapter).
 //! - [`copy`]: bidirectional byte copying with counters.
+//! - [`signer`]: the central signer's protocol and client (certificates over the network).
 //! - [`certs`]: workload certificates renewed at half-life, and the local CA's files
 //!   watched for rotation.
 //! - [`drain`]: graceful shutdown (trigger and watchers).
@@ -34,6 +35,7 @@ pub mod identity;
 pub mod logging;
 pub mod policy;
 pub mod route;
+pub mod signer;
 pub mod telemetry;
 pub mod tls;
 pub mod trace;

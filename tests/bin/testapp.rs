@@ -8,7 +8,9 @@
 //!   header `x-peer: <client ip:port>`, so tests see which source address the
 //!   app observed. With `--fail-rate`, that fraction of requests (at random)
 //!   gets 503 and body `NAME unavailable\n` instead.
-//!   `--delay-ms N` waits N ms before each answer. The header `x-path` echoes the path
+//!   `--delay-ms N` waits N ms before each answer. `--fail-status S` answers failures
+//!   with S instead of 503. `GET /__served` answers (without being counted) how many
+//!   other requests the server has answered, so tests can count at the server side. The header `x-path` echoes the path
 //!   the server saw. Requests with `content-type: application/grpc` are answered as
 //!   gRPC (see [`grpc`]): `/ambit.test.Echo/Unary` answers one message, the server's
 //!   name; `/ambit.test.Echo/ServerStream` answers as many as the request message says.
@@ -93,6 +95,9 @@ enum Cmd {
         /// Wait this long before answering each request.
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        /// The status of failed requests (`--fail-rate`).
+        #[arg(long, default_value_t = 503)]
+        fail_status: u16,
     },
     /// Many HTTP requests (HTTP/1.1 keep-alive or h2c), counted by status and body.
     HttpLoad {
@@ -240,7 +245,8 @@ fn main() -> ExitCode {
                 name,
                 fail_rate,
                 delay_ms,
-            } => serve_http(listen, name, fail_rate, delay_ms).await,
+                fail_status,
+            } => serve_http(listen, name, fail_rate, delay_ms, fail_status).await,
             Cmd::HttpLoad {
                 to,
                 requests,
@@ -394,7 +400,16 @@ async fn sink(mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.shutdown().await;
 }
 
-async fn serve_http(listen: SocketAddr, name: String, fail_rate: f64, delay_ms: u64) -> ExitCode {
+async fn serve_http(
+    listen: SocketAddr,
+    name: String,
+    fail_rate: f64,
+    delay_ms: u64,
+    fail_status: u16,
+) -> ExitCode {
+    let fail_status =
+        hyper::StatusCode::from_u16(fail_status).unwrap_or(hyper::StatusCode::SERVICE_UNAVAILABLE);
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let Some(listener) = bind(listen).await else {
         return ExitCode::from(2);
     };
@@ -418,6 +433,7 @@ async fn serve_http(listen: SocketAddr, name: String, fail_rate: f64, delay_ms: 
         };
         let (body, unavailable, prng) = (body.clone(), unavailable.clone(), prng.clone());
         let name = name.clone();
+        let served = served.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 if grpc::is_grpc(&req) {
@@ -427,6 +443,12 @@ async fn serve_http(listen: SocketAddr, name: String, fail_rate: f64, delay_ms: 
                     )
                         as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>;
                 }
+                if req.uri().path() == "/__served" {
+                    let n = served.load(std::sync::atomic::Ordering::Acquire);
+                    let resp = Response::new(frames::Frames::full(Bytes::from(format!("{n}\n"))));
+                    return Box::pin(async move { Ok::<_, Infallible>(resp) });
+                }
+                served.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 // next_u64 / 2^64 is uniform in [0, 1).
                 let roll = prng.lock().next_u64() as f64 / 18_446_744_073_709_551_616.0;
                 let fail = roll < fail_rate;
@@ -436,7 +458,7 @@ async fn serve_http(listen: SocketAddr, name: String, fail_rate: f64, delay_ms: 
                     body.clone()
                 }));
                 if fail {
-                    *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                    *resp.status_mut() = fail_status;
                 }
                 let headers = resp.headers_mut();
                 headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));

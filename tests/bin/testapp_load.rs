@@ -39,6 +39,8 @@ struct Tally {
     statuses: BTreeMap<String, u64>,
     bodies: BTreeMap<String, u64>,
     paths: BTreeMap<String, u64>,
+    /// `retry-after` values seen.
+    retry_after: BTreeMap<String, u64>,
     errors: Vec<String>,
     max_ms: u64,
     min_ms: Option<u64>,
@@ -118,13 +120,16 @@ pub async fn run(spec: Spec, limit: Duration) -> ExitCode {
                     let Some(s) = sender.as_mut() else { continue };
                     let t0 = Instant::now();
                     match one(s, &spec).await {
-                        Ok((status, body, path)) => {
+                        Ok((status, body, path, retry_after)) => {
                             let ms = t0.elapsed().as_millis() as u64;
                             let mut t = tally.lock();
                             bump(&mut t.statuses, status.to_string());
                             bump(&mut t.bodies, body);
                             if let Some(p) = path {
                                 bump(&mut t.paths, p);
+                            }
+                            if let Some(r) = retry_after {
+                                bump(&mut t.retry_after, r);
                             }
                             t.max_ms = t.max_ms.max(ms);
                             t.min_ms = Some(t.min_ms.map_or(ms, |m| m.min(ms)));
@@ -156,6 +161,7 @@ pub async fn run(spec: Spec, limit: Duration) -> ExitCode {
         "statuses": t.statuses,
         "bodies": t.bodies,
         "paths": t.paths,
+        "retry_after": t.retry_after,
         "errors": t.errors,
         "connections": connections.load(Ordering::Acquire),
         "max_ms": t.max_ms,
@@ -177,7 +183,9 @@ fn record_error(tally: &Mutex<Tally>, e: String) {
     }
 }
 
-async fn one(sender: &mut Sender, spec: &Spec) -> Result<(u16, String, Option<String>), String> {
+type Answer = (u16, String, Option<String>, Option<String>);
+
+async fn one(sender: &mut Sender, spec: &Spec) -> Result<Answer, String> {
     let uri = match sender {
         Sender::H1(_) => spec.path.clone(),
         Sender::H2(_) => format!("http://{}{}", spec.host, spec.path),
@@ -210,6 +218,11 @@ async fn one(sender: &mut Sender, spec: &Spec) -> Result<(u16, String, Option<St
         .get("x-path")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body = resp
         .into_body()
         .collect()
@@ -220,5 +233,6 @@ async fn one(sender: &mut Sender, spec: &Spec) -> Result<(u16, String, Option<St
         status,
         String::from_utf8_lossy(&body).trim_end().to_string(),
         path,
+        retry_after,
     ))
 }

@@ -49,6 +49,7 @@
 //! - [`capture`]: tcpdump captures and pcap helpers.
 //! - [`fake_apiserver`]: a fake Kubernetes API server (list/watch) for the Kubernetes
 //!   config source.
+//! - [`token_review`]: a fake API server (TokenReview, pods by node) for the signer.
 
 pub mod capture;
 pub mod cgroup;
@@ -58,6 +59,7 @@ pub mod fake_apiserver;
 pub mod netns;
 pub mod process;
 pub mod skip;
+pub mod token_review;
 pub mod ztunnel;
 
 mod sys;

@@ -30,6 +30,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Offline validation of the Kubernetes manifests (tests/scripts/validate-manifests.sh):
+# kubernetes-validate (Kubernetes' OpenAPI schemas), jsonschema (our CRDs' schemas) and
+# cel-python (the CRDs' CEL rules), from PyPI. Pinned, so a new release can't change what
+# CI accepts. kubectl itself is not installed here: these machines ship it.
+py_packages=(kubernetes-validate==1.37.0 "jsonschema>=4.18,<5" "pyyaml>=6,<7" cel-python==0.5.0)
+if ! python3 -c 'import kubernetes_validate, jsonschema, yaml, celpy' 2>/dev/null; then
+  echo "setup-host: installing ${py_packages[*]} (pip)"
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  fi
+  pip_install=(python3 -m pip install --quiet --disable-pip-version-check)
+  # Debian's own python3 refuses system-wide pip installs (PEP 668) unless told.
+  PIP_ROOT_USER_ACTION=ignore "${pip_install[@]}" "${py_packages[@]}" 2>/dev/null ||
+    PIP_ROOT_USER_ACTION=ignore "${pip_install[@]}" --break-system-packages "${py_packages[@]}"
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup-host: cargo not found. Install Rust 1.95 or newer (rustup) and re-run." >&2
   exit 1

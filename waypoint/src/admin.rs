@@ -3,7 +3,7 @@
 //!
 //! | listener | default | paths |
 //! |---|---|---|
-//! | metrics | `0.0.0.0:15020` | `/metrics` (also `/stats/prometheus`): Prometheus text |
+//! | metrics | `0.0.0.0:15020` | `/metrics` (also `/stats/prometheus`): Prometheus text; `/outliers`: endpoints ejected by outlier detection, as JSON |
 //! | readiness | `0.0.0.0:15021` | `/healthz/ready`: 200 once serving, 503 before and while draining |
 
 use std::net::SocketAddr;
@@ -15,6 +15,8 @@ use anyhow::Context as _;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
+
+use crate::upstream::destination::Destinations;
 
 // The default, 0, is "starting".
 const READY: u8 = 1;
@@ -79,11 +81,26 @@ enum Endpoint {
 struct State {
     registry: Registry,
     ready: Readiness,
+    destinations: Option<Arc<Destinations>>,
 }
 
 /// Serves the endpoints on a thread with its own runtime, for the life of the process.
 pub fn spawn(registry: Registry, ready: Readiness, listeners: Listeners) -> anyhow::Result<()> {
-    let state = Arc::new(State { registry, ready });
+    spawn_with_outliers(registry, ready, listeners, None)
+}
+
+/// [`spawn`], also serving `/outliers` from `destinations`.
+pub fn spawn_with_outliers(
+    registry: Registry,
+    ready: Readiness,
+    listeners: Listeners,
+    destinations: Option<Arc<Destinations>>,
+) -> anyhow::Result<()> {
+    let state = Arc::new(State {
+        registry,
+        ready,
+        destinations,
+    });
     let route = Arc::new(move |e: Endpoint, req: &Request<Incoming>| route(e, &state, req));
     admin::spawn_thread(move || async move {
         tokio::join!(
@@ -100,6 +117,7 @@ fn route(endpoint: Endpoint, state: &State, req: &Request<Incoming>) -> Response
         (Endpoint::Metrics, &Method::GET, "/metrics" | "/stats/prometheus") => {
             admin::metrics(&state.registry)
         }
+        (Endpoint::Metrics, &Method::GET, "/outliers") => outliers(state),
         (Endpoint::Readiness, &Method::GET, "/healthz/ready") => match state.ready.state() {
             READY => admin::text(StatusCode::OK, "ready\n".into()),
             DRAINING => admin::text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()),
@@ -112,4 +130,39 @@ fn route(endpoint: Endpoint, state: &State, req: &Request<Incoming>) -> Response
         ),
         _ => admin::text(StatusCode::NOT_FOUND, format!("no {path} here\n")),
     }
+}
+
+/// `{"destinations":[{"destination":"ns/name","ejected":[{"endpoint":"ip:port",
+/// "remaining_ms":N,"ejections":N}]}]}` for every destination with outlier detection.
+/// Names and addresses need no JSON escaping: names are validated DNS labels.
+fn outliers(state: &State) -> Response<Body> {
+    let list: Vec<String> = state
+        .destinations
+        .as_ref()
+        .map(|d| d.ejections())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(dest, ejections)| {
+            let ejected: Vec<String> = ejections
+                .iter()
+                .map(|e| {
+                    format!(
+                        r#"{{"endpoint":"{}","remaining_ms":{},"ejections":{}}}"#,
+                        e.addr,
+                        e.remaining.as_millis(),
+                        e.times
+                    )
+                })
+                .collect();
+            format!(
+                r#"{{"destination":"{dest}","ejected":[{}]}}"#,
+                ejected.join(",")
+            )
+        })
+        .collect();
+    admin::respond(
+        StatusCode::OK,
+        "application/json",
+        format!("{{\"destinations\":[{}]}}\n", list.join(",")),
+    )
 }

@@ -37,8 +37,10 @@ pub struct Settings {
     /// Its service account, which its identity is derived from. `None`: the
     /// `serviceAccount` of its entry under `waypoints` in the config, else its name.
     pub service_account: Option<String>,
-    /// Local CA directory (file/dev mode).
+    /// Local CA directory (file/dev mode); unused with a central signer.
     pub ca_dir: PathBuf,
+    /// The central signer; the certificate comes from the local CA when `None`.
+    pub signer: Option<ambit_shared::signer::client::SignerConfig>,
     /// Certificate lifetime.
     pub cert_ttl: Duration,
     /// HBONE listener.
@@ -126,10 +128,14 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     }
 
     let ca_paths = CaPaths::new(&settings.ca_dir);
-    let certificates = Certificates::load_local(&ca_paths, settings.cert_ttl, metrics.clone())?;
+    let certificates = match &settings.signer {
+        None => Certificates::load_local(&ca_paths, settings.cert_ttl, metrics.clone())?,
+        Some(signer) => certs::connect_signer(signer, settings.cert_ttl, metrics.clone()).await,
+    };
     let cert = certificates
         .certs
         .get(&identity)
+        .await
         .context("issuing the waypoint's certificate")?;
     Metrics::register_expiry(&mut registry, certificates.clone());
     tokio::spawn(certs::watch_ca(
@@ -165,6 +171,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         certificates.bundle.clone(),
         &settings.name,
     );
+    upstream.destinations.metrics.register(&mut registry);
+    let destinations = upstream.destinations.clone();
     let ctx = Arc::new(Context {
         waypoint: Waypoint {
             name: settings.name.clone(),
@@ -178,7 +186,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         cfg: settings.listener.clone(),
     });
     let ready = Readiness::default();
-    admin::spawn(registry, ready.clone(), admin_listeners)?;
+    admin::spawn_with_outliers(registry, ready.clone(), admin_listeners, Some(destinations))?;
 
     let (trigger, watcher) = drain::channel();
     tokio::spawn(listener::serve(hbone, acceptor, ctx, watcher));

@@ -11,6 +11,7 @@
 //! [`app`] knows them all:
 //! - [`listener`]: HBONE accept, CONNECT resolution, protocol detection, the HTTP proxy
 //!   and L4 forwarding.
+//! - [`authz`]: authorization policies, per request and per L4 connection.
 //! - [`route`]: the route model the proxy works on, and the tables that select routes.
 //! - [`filters`]: header modifiers, redirects and URL rewrites.
 //! - [`upstream`]: endpoint selection, connections, retries and the retry budget.
@@ -19,8 +20,10 @@
 
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod filters;
 pub mod listener;
 pub mod metrics;
+pub mod resilience;
 pub mod route;
 pub mod upstream;

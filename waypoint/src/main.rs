@@ -70,9 +70,20 @@ struct RunArgs {
     /// entry under `waypoints` in the config, else the name.
     #[arg(long)]
     service_account: Option<String>,
-    /// Local CA directory (from `ztunnel ca init`).
+    /// Local CA directory (from `ztunnel ca init`); not needed with --signer.
+    #[arg(long, required_unless_present = "signer")]
+    ca_dir: Option<PathBuf>,
+    /// Obtain the certificate from the central signer at this URL
+    /// (e.g. https://ambit-signer.ambit-system.svc:15012) instead of the local CA.
     #[arg(long)]
-    ca_dir: PathBuf,
+    signer: Option<String>,
+    /// PEM roots that vouch for the signer's serving certificate (default
+    /// `<ca-dir>/bundle.pem`).
+    #[arg(long)]
+    signer_ca: Option<PathBuf>,
+    /// Projected service-account token (audience `ambit-signer`), re-read for each request.
+    #[arg(long, default_value = ambit_shared::signer::DEFAULT_TOKEN_FILE)]
+    token_file: PathBuf,
     /// Certificate lifetime, e.g. 24h; renewed at half-life.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     cert_ttl: Duration,
@@ -163,7 +174,22 @@ fn main() -> anyhow::Result<()> {
     // Logs to stderr, filtered by `RUST_LOG` (default `info`).
     ambit_shared::logging::init(matches!(cli.log_format, LogFormat::Json));
     let Command::Run(args) = cli.command;
+    let signer = match (args.signer, &args.signer_ca, &args.ca_dir) {
+        (None, _, _) => None,
+        (Some(url), ca, dir) => Some(ambit_shared::signer::client::SignerConfig {
+            url,
+            signer_ca: match (ca, dir) {
+                (Some(p), _) => p.clone(),
+                (None, Some(d)) => ambit_shared::ca::CaPaths::new(d).bundle(),
+                (None, None) => {
+                    anyhow::bail!("--signer needs --signer-ca (or --ca-dir holding bundle.pem)")
+                }
+            },
+            token_file: args.token_file,
+        }),
+    };
     let settings = app::Settings {
+        signer,
         service_account: args.service_account,
         source: config_source(
             args.config_source,
@@ -174,7 +200,7 @@ fn main() -> anyhow::Result<()> {
         )?,
         name: args.name,
         namespace: args.namespace,
-        ca_dir: args.ca_dir,
+        ca_dir: args.ca_dir.unwrap_or_default(),
         cert_ttl: args.cert_ttl,
         listen: args.listen,
         metrics_addr: args.metrics_addr,

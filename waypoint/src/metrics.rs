@@ -13,7 +13,8 @@
 //! - `istio_build{component="waypoint"}`.
 //!
 //! Under `ambit_`: `ambit_waypoint_retries_total{destination, reason, result}` (admitted or
-//! refused by the retry budget), `ambit_config_reloads_total{result}`,
+//! refused by the retry budget), `ambit_waypoint_authz_denied_total{policy}` (requests and
+//! L4 connections refused by authorization policy), `ambit_config_reloads_total{result}`,
 //! `ambit_certificate_renewals_total{reason, result}`, `ambit_ca_reloads_total{file,
 //! result}`, and, computed at each scrape, `ambit_certificate_expiry_seconds{kind,
 //! identity}` for the waypoint's certificate, the issuer and every root.
@@ -293,6 +294,11 @@ struct CaReloadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthzLabels {
+    policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ExpiryLabels {
     kind: &'static str,
     identity: String,
@@ -313,6 +319,7 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     renewals: Family<RenewalLabels, Counter>,
     ca_reloads: Family<CaReloadLabels, Counter>,
+    authz_denied: Family<AuthzLabels, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -339,6 +346,7 @@ impl Metrics {
             reloads: Family::default(),
             renewals: Family::default(),
             ca_reloads: Family::default(),
+            authz_denied: Family::default(),
         };
         let istio = registry.sub_registry_with_prefix("istio");
         istio.register("requests", "Total number of requests", m.requests.clone());
@@ -402,7 +410,21 @@ impl Metrics {
             "Changes to the CA's files picked up, by file (bundle, issuer) and result; a failure keeps the last good one",
             m.ca_reloads.clone(),
         );
+        ambit.register(
+            "waypoint_authz_denied",
+            "Requests and L4 connections refused by authorization policy, by the policy that decided (the applicable ALLOW policies, comma-joined, when none matched)",
+            m.authz_denied.clone(),
+        );
         Arc::new(m)
+    }
+
+    /// Counts a request or connection refused by authorization `policy`.
+    pub fn authz_denied(&self, policy: &str) {
+        self.authz_denied
+            .get_or_create(&AuthzLabels {
+                policy: policy.to_string(),
+            })
+            .inc();
     }
 
     /// Registers `ambit_certificate_expiry_seconds`, read from `certs` at each scrape.

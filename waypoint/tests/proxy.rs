@@ -241,6 +241,7 @@ async fn harness() -> Harness {
         namespace: "shop".into(),
         service_account: None,
         ca_dir: ca.clone(),
+        signer: None,
         cert_ttl: Duration::from_secs(3600),
         listen: any,
         metrics_addr: any,

@@ -332,7 +332,7 @@ mod tests {
             Arc::new(CertMetrics::default()),
         );
         let id = "spiffe://cluster.local/ns/shop/sa/web".parse().expect("id");
-        certs.get(&id).expect("issue");
+        certs.get(&id).await.expect("issue");
         let config = ambit_shared::config::parse_str(
             std::path::Path::new("t.yaml"),
             "trustDomain: cluster.local\nnamespaces: [{name: shop}]\nworkloads: [{name: web, namespace: shop, ips: [10.0.0.2], node: a}]\n",
@@ -350,7 +350,7 @@ mod tests {
             config: watch::channel(Arc::new(config)).1,
             certs: Certificates {
                 certs,
-                issuer,
+                issuer: Some(issuer),
                 bundle: SharedBundle::new(TrustBundle::load(&paths.bundle()).expect("bundle")),
             },
             log: filter,

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_ebpf::{Capture, CaptureConfig};
-use ambit_shared::ca::{CaPaths, LocalCa};
-use ambit_shared::certs::{self, CertManager, Certificates, LocalIssuer};
+use ambit_shared::ca::CaPaths;
+use ambit_shared::certs::{self, Certificates};
 use ambit_shared::config::index::{self, Snapshot};
 use ambit_shared::config::source::{self, Source};
 use ambit_shared::hbone::{Pool, PoolConfig};
 use ambit_shared::logging::FilterHandle;
-use ambit_shared::tls::{SharedBundle, TrustBundle};
+use ambit_shared::signer::client::SignerConfig;
 use anyhow::Context;
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
@@ -37,8 +37,10 @@ pub struct Settings {
     pub source: Source,
     /// This node's name; only its workloads are served.
     pub node: String,
-    /// Local CA directory (file/dev mode).
+    /// Local CA directory (file/dev mode); unused with a central signer.
     pub ca_dir: PathBuf,
+    /// The central signer; certificates come from the local CA when `None`.
+    pub signer: Option<SignerConfig>,
     /// cgroup v2 directory the connect programs attach to.
     pub cgroup: PathBuf,
     /// bpffs directory for this node's pins.
@@ -74,22 +76,16 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
         source::start(&settings.source, move |outcome| reloads.record(outcome)).await?;
     let trust_domain = rx.borrow().trust_domain.clone();
     let ca_paths = CaPaths::new(&settings.ca_dir);
-    let ca = LocalCa::load(&ca_paths)
-        .context("loading the local CA (create one with `ztunnel ca init`)")?;
-    let bundle = SharedBundle::new(
-        TrustBundle::load(&ca_paths.bundle()).context("loading the trust bundle")?,
-    );
-    let issuer = Arc::new(LocalIssuer::new(ca));
-    let certs = CertManager::new(
-        issuer.clone(),
-        settings.cert_ttl,
-        Arc::new(cert_metrics.clone()),
-    );
-    let certificates = Certificates {
-        certs: certs.clone(),
-        issuer,
-        bundle: bundle.clone(),
+    let certificates = match &settings.signer {
+        None => {
+            Certificates::load_local(&ca_paths, settings.cert_ttl, Arc::new(cert_metrics.clone()))?
+        }
+        Some(signer) => {
+            certs::connect_signer(signer, settings.cert_ttl, Arc::new(cert_metrics.clone())).await
+        }
     };
+    let certs = certificates.certs.clone();
+    let bundle = certificates.bundle.clone();
     metrics::register_expiry(ambit, Arc::new(certificates.clone()));
     let listeners = admin::Listeners::bind(
         settings.metrics_addr,
@@ -147,7 +143,7 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
     let config = rx.borrow_and_update().clone();
-    let mut outcome = enroller.reconcile(&config);
+    let mut outcome = enroller.reconcile(&config).await;
     ready.mark_ready();
     info!(node = %settings.node, pending = outcome.pending, "ztunnel ready");
     let mut netns_check = tokio::time::interval(NETNS_CHECK);
@@ -164,7 +160,7 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
             _ = int.recv() => { info!("SIGINT: exiting; capture stays pinned and fails closed until restart"); break; }
         }
         let config = rx.borrow_and_update().clone();
-        outcome = enroller.reconcile(&config);
+        outcome = enroller.reconcile(&config).await;
     }
     Ok(())
 }

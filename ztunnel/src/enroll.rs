@@ -79,7 +79,7 @@ impl Enroller {
     }
 
     /// Brings capture in line with `config`.
-    pub fn reconcile(&mut self, config: &Config) -> Outcome {
+    pub async fn reconcile(&mut self, config: &Config) -> Outcome {
         let desired: HashMap<IpAddr, (&Workload, Identity)> = config
             .workloads
             .iter()
@@ -154,7 +154,7 @@ impl Enroller {
             let Some((w, id)) = desired.get(&ip) else {
                 continue;
             };
-            match self.enroll(ip, netns, w, id.clone()) {
+            match self.enroll(ip, netns, w, id.clone()).await {
                 Ok(r) => {
                     self.running.insert(ip, r);
                 }
@@ -195,14 +195,14 @@ impl Enroller {
         }
     }
 
-    fn enroll(
+    async fn enroll(
         &mut self,
         ip: IpAddr,
         netns: Netns,
         w: &Workload,
         identity: Identity,
     ) -> anyhow::Result<RunningPod> {
-        let cert = self.certs.get(&identity)?;
+        let cert = self.certs.get(&identity).await?;
         let netns = Arc::new(netns);
         let PodListeners {
             outbound,

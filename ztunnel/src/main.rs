@@ -18,6 +18,7 @@ mod dns;
 mod enroll;
 mod metrics;
 mod proxy;
+mod signer;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,6 +49,88 @@ enum Command {
     /// Manage the local CA used in file/dev mode.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Run the central certificate signer (see the `signer` module docs).
+    Signer(Box<SignerArgs>),
+}
+
+#[derive(clap::Args, Debug)]
+struct SignerArgs {
+    /// Listen address (HTTPS).
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// CA directory (from `ztunnel ca init`): issuer, key and bundle; re-read when it changes.
+    #[arg(long)]
+    ca_dir: PathBuf,
+    /// Kubernetes API server, for TokenReviews and pod lists (`http://` only for tests).
+    #[arg(long, default_value = "https://kubernetes.default.svc")]
+    kube_url: String,
+    /// PEM roots of the API server's certificate.
+    #[arg(
+        long,
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    kube_ca: PathBuf,
+    /// The signer's own token for the API server (sent when the file exists).
+    #[arg(
+        long,
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    kube_token_file: PathBuf,
+    /// The only trust domain signed for.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Service account (`namespace/name`) of node tunnels, which may obtain the identities
+    /// of pods on their node; repeatable.
+    #[arg(long = "node-tunnel", default_value = "ambit-system/ztunnel")]
+    node_tunnels: Vec<String>,
+    /// Longest workload certificate lifetime, and the default.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    max_ttl: Duration,
+    /// DNS name in the serving certificate; repeatable.
+    #[arg(long = "serving-name", default_values = ["ambit-signer.ambit-system.svc", "ambit-signer.ambit-system.svc.cluster.local", "localhost"])]
+    serving_names: Vec<String>,
+    /// IP address in the serving certificate; repeatable.
+    #[arg(long = "serving-ip", default_value = "127.0.0.1")]
+    serving_ips: Vec<std::net::IpAddr>,
+}
+
+/// Where certificates come from when not from the local CA.
+#[derive(clap::Args, Debug)]
+struct SignerClientArgs {
+    /// Obtain workload certificates from the central signer at this URL
+    /// (e.g. https://ambit-signer.ambit-system.svc:15012) instead of the local CA.
+    #[arg(long)]
+    signer: Option<String>,
+    /// PEM roots that vouch for the signer's serving certificate (default
+    /// `<ca-dir>/bundle.pem`).
+    #[arg(long)]
+    signer_ca: Option<PathBuf>,
+    /// Projected service-account token (audience `ambit-signer`), re-read for each request.
+    #[arg(long, default_value = ambit_shared::signer::DEFAULT_TOKEN_FILE)]
+    token_file: PathBuf,
+}
+
+impl SignerClientArgs {
+    fn config(
+        self,
+        ca_dir: Option<&std::path::Path>,
+    ) -> anyhow::Result<Option<ambit_shared::signer::client::SignerConfig>> {
+        let Some(url) = self.signer else {
+            return Ok(None);
+        };
+        let signer_ca = match (self.signer_ca, ca_dir) {
+            (Some(p), _) => p,
+            (None, Some(dir)) => CaPaths::new(dir).bundle(),
+            (None, None) => {
+                anyhow::bail!("--signer needs --signer-ca (or --ca-dir holding bundle.pem)")
+            }
+        };
+        Ok(Some(ambit_shared::signer::client::SignerConfig {
+            url,
+            signer_ca,
+            token_file: self.token_file,
+        }))
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -68,9 +151,11 @@ struct RunArgs {
     /// Name of this node; only workloads with this `node` are served.
     #[arg(long)]
     node: String,
-    /// Local CA directory (from `ztunnel ca init`).
-    #[arg(long)]
-    ca_dir: PathBuf,
+    /// Local CA directory (from `ztunnel ca init`); not needed with --signer.
+    #[arg(long, required_unless_present = "signer")]
+    ca_dir: Option<PathBuf>,
+    #[command(flatten)]
+    signer: SignerClientArgs,
     /// cgroup v2 directory whose processes are captured (kubepods on a real node).
     #[arg(long)]
     cgroup: PathBuf,
@@ -360,8 +445,39 @@ fn main() -> anyhow::Result<()> {
                 )
             }
         }
+        Command::Signer(args) => {
+            let args = *args;
+            let mut node_tunnels = std::collections::BTreeSet::new();
+            for nt in &args.node_tunnels {
+                let (ns, sa) = nt
+                    .split_once('/')
+                    .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty())
+                    .with_context(|| format!("--node-tunnel {nt:?}: expected namespace/name"))?;
+                node_tunnels.insert((ns.to_string(), sa.to_string()));
+            }
+            ambit_shared::identity::validate_component("trust domain", &args.trust_domain)?;
+            let settings = signer::Settings {
+                listen: args.listen,
+                ca_dir: args.ca_dir,
+                kube_ca: Some(args.kube_ca),
+                kube_url: args.kube_url,
+                kube_token_file: Some(args.kube_token_file),
+                trust_domain: args.trust_domain,
+                node_tunnels,
+                max_ttl: args.max_ttl,
+                serving_names: args.serving_names,
+                serving_ips: args.serving_ips,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("signer")
+                .build()
+                .context("starting the tokio runtime")?;
+            runtime.block_on(signer::run(settings))
+        }
         Command::Run(args) => {
             let args = *args;
+            let signer = args.signer.config(args.ca_dir.as_deref())?;
             let settings = app::Settings {
                 source: config_source(
                     args.config_source,
@@ -371,7 +487,8 @@ fn main() -> anyhow::Result<()> {
                     None,
                 )?,
                 node: args.node,
-                ca_dir: args.ca_dir,
+                ca_dir: args.ca_dir.unwrap_or_default(),
+                signer,
                 cgroup: args.cgroup,
                 bpffs: args.bpffs,
                 netns_dir: args.netns_dir,

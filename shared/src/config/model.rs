@@ -25,10 +25,10 @@ pub use route::{
     GATEWAY_API_VERSION, GrpcBackendRef, GrpcMethodMatch, GrpcRouteFilter, GrpcRouteFilterType,
     GrpcRouteMatch, GrpcRouteRule, GrpcRouteSpec, HeaderMatchType, HttpBackendRef, HttpHeader,
     HttpHeaderFilter, HttpHeaderMatch, HttpMethod, HttpPathMatch, HttpPathModifier,
-    HttpPathModifierType, HttpQueryParamMatch, HttpRequestRedirectFilter, HttpRouteFilter,
-    HttpRouteFilterType, HttpRouteMatch, HttpRouteRetry, HttpRouteRule, HttpRouteSpec,
-    HttpRouteTimeouts, HttpUrlRewriteFilter, ParentReference, PathMatchType, RedirectScheme, Route,
-    RouteKind, RouteSpec, is_core_group,
+    HttpPathModifierType, HttpQueryParamMatch, HttpRequestMirrorFilter, HttpRequestRedirectFilter,
+    HttpRouteFilter, HttpRouteFilterType, HttpRouteMatch, HttpRouteRetry, HttpRouteRule,
+    HttpRouteSpec, HttpRouteTimeouts, HttpUrlRewriteFilter, MirrorBackendRef, MirrorFraction,
+    ParentReference, PathMatchType, RedirectScheme, Route, RouteKind, RouteSpec, is_core_group,
 };
 pub use traffic::{
     ConnectionPool, FaultAbort, FaultDelay, FaultInjection, GATEWAY_API_GROUP, OutlierDetection,
@@ -50,7 +50,8 @@ pub struct Config {
     /// Services: virtual IPs in front of workloads.
     #[serde(default)]
     pub services: Vec<Service>,
-    /// L4 authorization policies, enforced by the destination's node tunnel.
+    /// Authorization policies: enforced by the destination's node tunnel (L4), or, for
+    /// workloads behind a waypoint, by the waypoint (L4 and L7).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub authorization_policies: Vec<AuthorizationPolicy>,
     /// Whether plaintext is accepted (PERMISSIVE) or refused (STRICT), per scope.
@@ -199,7 +200,8 @@ pub enum Scope {
     Workload,
 }
 
-/// An L4 authorization policy.
+/// An authorization policy. Its L7 fields (methods, paths, hosts, `when`) need a waypoint
+/// in front of the workloads it selects; without one, such a policy fails closed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicy {

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
-use super::filters::{Filter, HeaderModifier, PathModifier, Redirect, Rewrite};
+use super::filters::{Filter, HeaderModifier, Mirror, PathModifier, Redirect, Rewrite};
 use super::matching::{
     GrpcMatch, HttpMatch, Matcher, PathMatcher, RANK_EXACT, RANK_PREFIX, RANK_REGEX, Specificity,
     ValueMatcher, full_match_regex,
@@ -21,10 +21,10 @@ use super::{Backend, DEFAULT_RETRY_ATTEMPTS, DEFAULT_RETRY_BACKOFF, Retry, Route
 use crate::config::model::{
     GatewayDuration, GrpcBackendRef, GrpcRouteFilter, GrpcRouteFilterType, GrpcRouteMatch,
     GrpcRouteSpec, HeaderMatchType, HttpBackendRef, HttpHeaderFilter, HttpHeaderMatch, HttpMethod,
-    HttpPathMatch, HttpPathModifier, HttpPathModifierType, HttpRequestRedirectFilter,
-    HttpRouteFilter, HttpRouteFilterType, HttpRouteMatch, HttpRouteRetry, HttpRouteRule,
-    HttpRouteSpec, HttpRouteTimeouts, HttpUrlRewriteFilter, ParentReference, PathMatchType, Route,
-    RouteKind, RouteSpec, Timestamp, is_core_group,
+    HttpPathMatch, HttpPathModifier, HttpPathModifierType, HttpRequestMirrorFilter,
+    HttpRequestRedirectFilter, HttpRouteFilter, HttpRouteFilterType, HttpRouteMatch,
+    HttpRouteRetry, HttpRouteRule, HttpRouteSpec, HttpRouteTimeouts, HttpUrlRewriteFilter,
+    ParentReference, PathMatchType, Route, RouteKind, RouteSpec, Timestamp, is_core_group,
 };
 use crate::identity::validate_component;
 
@@ -295,7 +295,7 @@ fn compile_http_rule(
         },
         _ => None,
     };
-    let filters = compile_http_filters(&rule.filters, &format!("{at}.filters"), sole_prefix)?;
+    let filters = compile_http_filters(&rule.filters, &format!("{at}.filters"), sole_prefix, ns)?;
     let redirects = filters
         .iter()
         .any(|f| matches!(f, Filter::RequestRedirect(_)));
@@ -567,6 +567,7 @@ fn http_filter_name(t: HttpRouteFilterType) -> (&'static str, &'static str) {
         }
         HttpRouteFilterType::RequestRedirect => ("RequestRedirect", "requestRedirect"),
         HttpRouteFilterType::UrlRewrite => ("URLRewrite", "urlRewrite"),
+        HttpRouteFilterType::RequestMirror => ("RequestMirror", "requestMirror"),
     }
 }
 
@@ -574,6 +575,7 @@ fn compile_http_filters(
     filters: &[HttpRouteFilter],
     at: &str,
     sole_prefix: Option<&str>,
+    route_ns: &str,
 ) -> Result<Vec<Filter>, CompileError> {
     use HttpRouteFilterType as T;
     if filters.len() > MAX_ITEMS {
@@ -602,6 +604,14 @@ fn compile_http_filters(
             );
         }
         seen.push(f.r#type);
+        let mirror_only = f.request_header_modifier.is_none()
+            && f.response_header_modifier.is_none()
+            && f.request_redirect.is_none()
+            && f.url_rewrite.is_none();
+        if let (T::RequestMirror, Some(m), true) = (f.r#type, &f.request_mirror, mirror_only) {
+            out.push(compile_mirror(m, &format!("{here}.{field}"), route_ns)?);
+            continue;
+        }
         let filter = match (
             f.r#type,
             &f.request_header_modifier,
@@ -609,6 +619,23 @@ fn compile_http_filters(
             &f.request_redirect,
             &f.url_rewrite,
         ) {
+            _ if f.request_mirror.is_some() || f.r#type == T::RequestMirror => {
+                return filter_fields_error(
+                    &here,
+                    type_name,
+                    field,
+                    &[
+                        ("requestHeaderModifier", f.request_header_modifier.is_some()),
+                        (
+                            "responseHeaderModifier",
+                            f.response_header_modifier.is_some(),
+                        ),
+                        ("requestRedirect", f.request_redirect.is_some()),
+                        ("urlRewrite", f.url_rewrite.is_some()),
+                        ("requestMirror", f.request_mirror.is_some()),
+                    ],
+                );
+            }
             (T::RequestHeaderModifier, Some(m), None, None, None) => {
                 Filter::RequestHeaderModifier(compile_header_filter(m, &format!("{here}.{field}"))?)
             }
@@ -637,6 +664,7 @@ fn compile_http_filters(
                         ),
                         ("requestRedirect", f.request_redirect.is_some()),
                         ("urlRewrite", f.url_rewrite.is_some()),
+                        ("requestMirror", f.request_mirror.is_some()),
                     ],
                 );
             }
@@ -644,6 +672,56 @@ fn compile_http_filters(
         out.push(filter);
     }
     Ok(out)
+}
+
+fn compile_mirror(
+    m: &HttpRequestMirrorFilter,
+    at: &str,
+    route_ns: &str,
+) -> Result<Filter, CompileError> {
+    let b = &m.backend_ref;
+    let fields = BackendFields {
+        group: b.group.as_deref(),
+        kind: b.kind.as_deref(),
+        name: &b.name,
+        namespace: b.namespace.as_deref(),
+        port: b.port,
+        weight: 1,
+    };
+    let backend = compile_backend(fields, &format!("{at}.backendRef"), route_ns)?;
+    let (numerator, denominator) = match (m.percent, m.fraction) {
+        (Some(_), Some(_)) => {
+            return fail(at, "set `percent` or `fraction`, not both");
+        }
+        (Some(p), None) if p > 100 => {
+            return fail(
+                format!("{at}.percent"),
+                format!("{p} is not a percentage (0 to 100)"),
+            );
+        }
+        (Some(p), None) => (p, 100),
+        (None, Some(f)) if f.denominator == 0 => {
+            return fail(format!("{at}.fraction.denominator"), "must be at least 1");
+        }
+        (None, Some(f)) if f.numerator > f.denominator => {
+            return fail(
+                format!("{at}.fraction.numerator"),
+                format!(
+                    "{} is more than the denominator {}",
+                    f.numerator, f.denominator
+                ),
+            );
+        }
+        (None, Some(f)) => (f.numerator, f.denominator),
+        (None, None) => (1, 1),
+    };
+    Ok(Filter::RequestMirror(Mirror {
+        namespace: backend.namespace,
+        name: backend.name,
+        port: backend.port,
+        numerator,
+        denominator,
+    }))
 }
 
 fn compile_header_filter(m: &HttpHeaderFilter, at: &str) -> Result<HeaderModifier, CompileError> {
@@ -909,7 +987,8 @@ fn compile_http_backend(
         weight: b.weight,
     };
     let mut backend = compile_backend(fields, at, route_ns)?;
-    backend.filters = compile_http_filters(&b.filters, &format!("{at}.filters"), sole_prefix)?;
+    backend.filters =
+        compile_http_filters(&b.filters, &format!("{at}.filters"), sole_prefix, route_ns)?;
     Ok(backend)
 }
 

@@ -24,6 +24,32 @@ pub enum Filter {
     RequestRedirect(Redirect),
     /// Change the host and path before forwarding.
     UrlRewrite(Rewrite),
+    /// Send a copy of a share of requests elsewhere; the proxy carries it out, the
+    /// request itself is unchanged.
+    RequestMirror(Mirror),
+}
+
+/// A compiled `RequestMirror`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mirror {
+    /// The mirror Service's namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// Its service port.
+    pub port: u16,
+    /// Share mirrored: `numerator / denominator`, `numerator <= denominator`,
+    /// `denominator >= 1`.
+    pub numerator: u32,
+    /// See `numerator`.
+    pub denominator: u32,
+}
+
+impl Mirror {
+    /// Whether a request with uniform `roll` in `0..denominator` is mirrored.
+    pub fn selects(&self, roll: u32) -> bool {
+        roll < self.numerator
+    }
 }
 
 /// Header changes; each header name has at most one action.
@@ -297,7 +323,7 @@ pub fn apply_request_filters(
                     .location(parts, listener_port)
                     .map(RequestOutcome::Redirect);
             }
-            Filter::ResponseHeaderModifier(_) => {}
+            Filter::ResponseHeaderModifier(_) | Filter::RequestMirror(_) => {}
         }
     }
     Ok(RequestOutcome::Forward)

@@ -85,8 +85,8 @@ mod matching;
 pub use backend::choose_backend;
 pub use compile::{CompileError, CompiledRoute, compile};
 pub use filters::{
-    Filter, FilterError, HeaderModifier, PathModifier, Redirect, Redirection, RequestOutcome,
-    Rewrite, apply_request_filters, apply_response_filters, replace_prefix,
+    Filter, FilterError, HeaderModifier, Mirror, PathModifier, Redirect, Redirection,
+    RequestOutcome, Rewrite, apply_request_filters, apply_response_filters, replace_prefix,
 };
 pub use matching::grpc_method;
 

@@ -169,6 +169,15 @@ async fn proxy(
         start,
         body.meter(),
     );
+    let client = crate::authz::Client {
+        identity: down.source.principal.as_ref(),
+        ip: down.peer.ip(),
+    };
+    let metrics = &down.ctx.metrics;
+    if let Err(d) = crate::authz::check(&snap, metrics, client, &down.target, &mut head) {
+        record.authz_policy = Some(d.policy.clone());
+        return record.local(d.status, "-", d.client_message());
+    }
 
     let client_namespace = down.source.principal.as_ref().map(|p| p.namespace());
     let Some(route) = routes.select(&RouteRequest {
@@ -180,6 +189,10 @@ async fn proxy(
         return record.local(StatusCode::NOT_FOUND, "NR", "no route matched");
     };
     record.route = route.name.clone();
+    if let Err(d) = crate::authz::check_route(&snap, metrics, client, &down.target, &route, &head) {
+        record.authz_policy = Some(d.policy.clone());
+        return record.local(d.status, "-", d.client_message());
+    }
     let port = down.target.port();
     match filters::apply_request(&route.filters, &mut head, port) {
         Ok(Decision::Forward) => {}
@@ -210,6 +223,27 @@ async fn proxy(
     record.target = dest.clone();
     if endpoints.is_empty() {
         return record.local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream");
+    }
+    let admitted = crate::resilience::admit(
+        &down.ctx,
+        &snap,
+        crate::resilience::RequestInfo {
+            route: &route,
+            backend_filters: &backend.filters,
+            dest: &dest,
+            source: &down.source,
+            head: &head,
+            body: &body,
+        },
+    )
+    .await;
+    match admitted {
+        Ok(a) => a.flags.iter().for_each(|f| record.add_flag(f)),
+        Err(refusal) => {
+            let mut resp = record.local(refusal.status, refusal.flags, &refusal.reason);
+            refusal.decorate(resp.headers_mut());
+            return resp;
+        }
     }
     let response_filters: Vec<Filter> = route
         .filters
@@ -348,6 +382,12 @@ fn failed(mut record: Record, e: SendError) -> Response<ResponseBody> {
     let retried = if e.attempts > 1 { ",URX" } else { "" };
     let (status, flag) = match &e.error {
         None => (StatusCode::SERVICE_UNAVAILABLE, "UH"),
+        Some(AttemptError::Overflow { .. }) => {
+            let mut resp = record.local(StatusCode::SERVICE_UNAVAILABLE, "UO", &e.to_string());
+            resp.headers_mut()
+                .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+            return resp;
+        }
         Some(AttemptError::Connect { .. }) => (StatusCode::SERVICE_UNAVAILABLE, "UF"),
         Some(AttemptError::Timeout { .. }) => (StatusCode::GATEWAY_TIMEOUT, "UT"),
         Some(err) => match err.failure() {
@@ -454,6 +494,8 @@ struct Record {
     response_bytes: u64,
     /// The response body reached its end (or the answer was local).
     complete: bool,
+    /// The authorization policy that refused the request.
+    authz_policy: Option<String>,
 }
 
 impl Record {
@@ -498,6 +540,7 @@ impl Record {
             flags: Vec::new(),
             response_bytes: 0,
             complete: false,
+            authz_policy: None,
         }
     }
 
@@ -525,11 +568,12 @@ impl Record {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         if self.grpc {
-            // gRPC clients read the status from grpc-status; 14 is UNAVAILABLE.
-            let code = if status == StatusCode::NOT_FOUND {
-                "12"
-            } else {
-                "14"
+            // gRPC clients read the status from grpc-status; 14 is UNAVAILABLE, which
+            // clients may retry, so a policy denial says PERMISSION_DENIED (7).
+            let code = match status {
+                StatusCode::NOT_FOUND => "12",
+                StatusCode::FORBIDDEN => "7",
+                _ => "14",
             };
             resp.headers_mut()
                 .insert("grpc-status", HeaderValue::from_static(code));
@@ -611,6 +655,7 @@ impl Drop for Record {
             src.identity = %src_identity,
             src.workload = %down.source.workload.as_deref().unwrap_or(""),
             trace_id = %self.trace.trace_id(),
+            authz_policy = self.authz_policy.as_deref().unwrap_or(""),
             "request");
     }
 }

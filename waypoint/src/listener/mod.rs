@@ -113,6 +113,8 @@ pub struct Downstream {
     pub source: Source,
     /// The client's address (from `forwarded`, else the TLS peer's).
     pub client: SocketAddr,
+    /// The TLS peer's address, which authorization trusts (unlike `forwarded`).
+    pub peer: SocketAddr,
     /// The CONNECT authority.
     pub dialled: SocketAddr,
 }
@@ -377,6 +379,7 @@ async fn tunnel(
         target,
         source,
         client,
+        peer,
         dialled,
     });
     if declared == DeclaredProtocol::Tcp {

@@ -19,6 +19,14 @@ where
 {
     let start = Instant::now();
     let snap = down.ctx.snapshot.borrow().clone();
+    let client = crate::authz::Client {
+        identity: down.source.principal.as_ref(),
+        ip: down.peer.ip(),
+    };
+    let metrics = &down.ctx.metrics;
+    if crate::authz::authorize_connection(&snap, metrics, client, &down.target).is_err() {
+        return;
+    }
     let endpoints = super::endpoints(&snap, &down.target);
     let counters = Counters::default();
     let opened = down.ctx.upstream.open_stream(&endpoints).await;

@@ -137,6 +137,54 @@ impl ReplayBody {
     pub fn meter(&self) -> BodyMeter {
         BodyMeter(self.shared.clone())
     }
+
+    /// A handle on the buffered copy, for a mirror; it never reads from the client.
+    pub fn copy_handle(&self) -> BodyCopy {
+        BodyCopy(self.shared.clone())
+    }
+
+    /// A body of `chunks`, already complete (a mirror's copy).
+    pub fn from_chunks(chunks: Vec<Bytes>) -> Self {
+        let body = ReplayBody::empty();
+        {
+            let mut s = body.shared.lock();
+            s.buffered = chunks.iter().map(Bytes::len).sum();
+            s.cap = s.buffered;
+            s.chunks = chunks;
+        }
+        body
+    }
+}
+
+/// Reads the copy a [`ReplayBody`] keeps, without taking part in sending it.
+#[derive(Debug, Clone)]
+pub struct BodyCopy(Arc<Mutex<Shared>>);
+
+/// What a [`BodyCopy`] holds right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyState {
+    /// The whole body (possibly empty).
+    Complete(Vec<Bytes>),
+    /// The client is still sending it.
+    Pending,
+    /// Too large for the copy, broken, or with trailers: no copy can be made.
+    Unavailable,
+}
+
+impl BodyCopy {
+    /// The copy's state.
+    pub fn state(&self) -> CopyState {
+        let s = self.0.lock();
+        if s.overflow || s.trailers.is_some() {
+            return CopyState::Unavailable;
+        }
+        let empty_source = s.source.as_ref().is_some_and(|b| b.is_end_stream());
+        if s.source_done || (empty_source && s.chunks.is_empty()) {
+            CopyState::Complete(s.chunks.clone())
+        } else {
+            CopyState::Pending
+        }
+    }
 }
 
 /// Reads how many bytes a [`ReplayBody`] received.

@@ -276,6 +276,29 @@ impl Clients {
             .map_err(|e| AttemptError::http(key.addr, e))
     }
 
+    /// Closes the oldest idle HTTP/1 connection to any of `addrs`; true if there was one.
+    /// Under a service's connection limit, idle connections to one endpoint would
+    /// otherwise keep a request for another endpoint waiting.
+    pub fn close_idle_among(&self, addrs: &[SocketAddr]) -> bool {
+        let mut map = self.inner.h1.lock();
+        let oldest = map
+            .iter()
+            .filter(|(k, _)| addrs.contains(&k.addr))
+            .flat_map(|(k, list)| {
+                list.iter()
+                    .enumerate()
+                    .map(move |(i, idle)| (k, i, idle.since))
+            })
+            .min_by_key(|(_, _, since)| *since)
+            .map(|(k, i, _)| (k.clone(), i));
+        let Some((key, i)) = oldest else {
+            return false;
+        };
+        // Dropping the sender ends the connection, which gives back its slot.
+        map.get_mut(&key)
+            .is_some_and(|list| i < list.len() && list.drain(i..=i).next().is_some())
+    }
+
     /// Idle HTTP/1 connections and open HTTP/2 connections (tests and admin).
     pub fn connection_counts(&self) -> (usize, usize) {
         let h1 = self.inner.h1.lock().values().map(Vec::len).sum();

@@ -5,6 +5,8 @@
 //! - [`client`]: pooled HTTP/1.1 and HTTP/2 connections per endpoint.
 //! - [`body`]: request bodies that can be replayed for a retry (bounded copy).
 //! - [`retry`]: retry policy, backoff and the retry budget.
+//! - [`destination`]: circuit-breaking limits per destination service, and
+//!   [`outlier`] detection, which keeps failing endpoints out of balancing.
 //!
 //! An endpoint in the mesh is reached through HBONE: a CONNECT to `endpoint-ip:15008` with
 //! `:authority` `endpoint-ip:target-port`, mutual TLS presenting the waypoint's
@@ -15,11 +17,15 @@
 pub mod balance;
 pub mod body;
 pub mod client;
+pub mod destination;
+pub mod outlier;
 pub mod retry;
 
 use std::error::Error as _;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ambit_shared::certs::IdentityCert;
@@ -32,7 +38,7 @@ use h2::Reason;
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
@@ -40,6 +46,8 @@ use tracing::{debug, warn};
 use self::balance::{Balancer, InFlight};
 use self::body::ReplayBody;
 use self::client::{Checkout, ClientConfig, Clients, ConnKey};
+use self::destination::{Destination, Destinations, Limit, Permit};
+use self::outlier::Outcome;
 use self::retry::{Budgets, Failure, RetryPolicy};
 
 /// Endpoints tried for one L4 connection before it fails.
@@ -136,6 +144,12 @@ pub enum AttemptError {
         /// The attempt timeout.
         timeout: Duration,
     },
+    /// A circuit-breaking limit of the destination service was reached (flag `UO`).
+    #[error("upstream overflow: the destination's {} limit is reached", .limit.as_str())]
+    Overflow {
+        /// Which limit.
+        limit: Limit,
+    },
 }
 
 impl AttemptError {
@@ -166,6 +180,7 @@ impl AttemptError {
             AttemptError::Connect { .. } => Failure::Connect,
             AttemptError::Http { failure, .. } => *failure,
             AttemptError::Timeout { .. } => Failure::Timeout,
+            AttemptError::Overflow { .. } => Failure::Overflow,
         }
     }
 }
@@ -207,11 +222,14 @@ pub struct Reply {
     pub guard: ReplyGuard,
 }
 
-/// Dropped when the response body is done.
+/// Dropped when the response body is done. The request's circuit-breaker permit goes
+/// last, after the connection is back in the pool, so a pending request it wakes finds
+/// the connection idle.
 #[derive(Debug)]
 pub struct ReplyGuard {
     _in_flight: InFlight,
     _checkout: Option<Checkout>,
+    _request: Permit,
 }
 
 /// A request that got no usable response.
@@ -257,6 +275,10 @@ pub struct Upstream {
     clients: Clients,
     /// Endpoint load and health.
     pub balancer: Balancer,
+    /// Circuit breakers and outlier detection per destination service.
+    pub destinations: Arc<Destinations>,
+    /// Rate limits and mirrors.
+    pub resilience: crate::resilience::Resilience,
     budgets: Budgets,
     identity: Identity,
     cert: Arc<IdentityCert>,
@@ -285,6 +307,8 @@ impl Upstream {
             cfg,
             pool,
             balancer: Balancer::default(),
+            destinations: Arc::default(),
+            resilience: Default::default(),
             budgets: Budgets::default(),
             identity,
             cert,
@@ -307,19 +331,35 @@ impl Upstream {
         plan: &Plan<'_>,
         observer: &dyn RetryObserver,
     ) -> Result<Reply, SendError> {
+        let dest = self.destinations.get(plan.destination);
+        let request_permit = match dest.admit_request() {
+            Ok(p) => p,
+            Err(limit) => {
+                return Err(SendError {
+                    error: Some(AttemptError::Overflow { limit }),
+                    endpoint: None,
+                    attempts: 0,
+                });
+            }
+        };
         let budget = self.budgets.get(plan.destination);
         budget.record_request();
-        let addrs: Vec<SocketAddr> = plan.endpoints.iter().map(|e| e.addr).collect();
+        // Outlier detection's ejections apply to the whole request, retries included.
+        let eligible = dest.eligible(plan.endpoints, |e| e.addr);
+        let addrs: Vec<SocketAddr> = eligible.iter().map(|e| e.addr).collect();
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempts = 0u32;
         // Held while a retry is in flight; the budget counts concurrent retries.
         let mut _permit = None;
+        let mut _retry_slot = None;
+        // Set while the request waits for a connection under `max_connections`.
+        let mut pending_since: Option<tokio::time::Instant> = None;
         loop {
             attempts += 1;
             let Some(endpoint) = self
                 .balancer
                 .pick(&addrs, &tried)
-                .and_then(|i| plan.endpoints.get(i))
+                .and_then(|i| eligible.get(i).copied())
             else {
                 return Err(SendError {
                     error: None,
@@ -327,7 +367,6 @@ impl Upstream {
                     attempts: attempts - 1,
                 });
             };
-            tried.push(endpoint.addr);
             let Some(attempt_body) = body.replay() else {
                 // Only reachable after a failed attempt consumed the body; the loop checks
                 // replayability before retrying, so this is belt and braces.
@@ -339,7 +378,7 @@ impl Upstream {
             };
             let request = upstream_request(head, attempt_body, plan.version);
             let in_flight = self.balancer.start(endpoint.addr);
-            let attempt = self.attempt(endpoint, request, plan.version);
+            let attempt = self.attempt(endpoint, request, plan.version, &dest);
             let outcome = match plan.attempt_timeout {
                 Some(t) => tokio::time::timeout(t, attempt).await.unwrap_or_else(|_| {
                     Err(AttemptError::Timeout {
@@ -349,10 +388,51 @@ impl Upstream {
                 }),
                 None => attempt.await,
             };
+            if let Err(AttemptError::Overflow {
+                limit: Limit::Connections,
+            }) = &outcome
+            {
+                // No connection slot: wait as a pending request, then pick again. Nothing
+                // was sent, so it is not an attempt.
+                attempts -= 1;
+                drop(in_flight);
+                let since = *pending_since.get_or_insert_with(tokio::time::Instant::now);
+                let gave_up = since.elapsed() >= self.cfg.connect_timeout;
+                let waited = if gave_up {
+                    dest.connections_exhausted();
+                    Err(Limit::Connections)
+                } else {
+                    let all: Vec<SocketAddr> = plan.endpoints.iter().map(|e| e.addr).collect();
+                    self.clients.close_idle_among(&all);
+                    dest.wait_pending().await
+                };
+                if let Err(limit) = waited {
+                    return Err(SendError {
+                        error: Some(AttemptError::Overflow { limit }),
+                        endpoint: None,
+                        attempts,
+                    });
+                }
+                continue;
+            }
+            tried.push(endpoint.addr);
             let failure = match &outcome {
                 Ok((resp, _)) => response_failure(resp, plan.grpc),
                 Err(e) => Some(e.failure()),
             };
+            match &outcome {
+                Ok((resp, _)) => {
+                    dest.observe(
+                        endpoint.addr,
+                        Outcome::Status(resp.status()),
+                        plan.endpoints.len(),
+                    );
+                }
+                Err(e) if e.failure() != Failure::Client => {
+                    dest.observe(endpoint.addr, Outcome::LocalFailure, plan.endpoints.len());
+                }
+                Err(_) => {}
+            }
             if let Err(e) = &outcome {
                 if e.failure() == Failure::Connect {
                     let ejected_for = self.balancer.connect_failed(endpoint.addr);
@@ -368,14 +448,22 @@ impl Upstream {
                 attempts <= plan.retry.retries && plan.retry.retries_on(*f) && body.is_replayable()
             });
             if let Some(f) = retry {
-                match budget.try_retry() {
+                // The circuit breaker's retry limit, then the budget; either refusal returns
+                // this attempt's failure.
+                let slot = dest.admit_retry();
+                match slot.as_ref().and_then(|_| budget.try_retry()) {
                     Some(permit) => {
                         observer.retry(plan.destination, f, true);
                         _permit = Some(permit);
+                        _retry_slot = slot;
                         drop(outcome);
                         drop(in_flight);
                         tokio::time::sleep(plan.retry.backoff(attempts)).await;
                         continue;
+                    }
+                    None if slot.is_none() => {
+                        debug!(destination = %plan.destination, failure = f.as_str(),
+                            "circuit breaker: max retries in flight; not retrying");
                     }
                     None => {
                         observer.retry(plan.destination, f, false);
@@ -392,6 +480,7 @@ impl Upstream {
                     guard: ReplyGuard {
                         _in_flight: in_flight,
                         _checkout: checkout,
+                        _request: request_permit,
                     },
                 }),
                 Err(e) => Err(SendError {
@@ -459,13 +548,14 @@ impl Upstream {
         endpoint: &Endpoint,
         request: Request<ReplayBody>,
         version: HttpVersion,
+        dest: &Arc<Destination>,
     ) -> Result<(Response<Incoming>, Option<Checkout>), AttemptError> {
         let key = ConnKey {
             addr: endpoint.addr,
             identity: endpoint.identity.clone(),
             generation: self.cert.generation(),
         };
-        let connect = || self.connect(endpoint);
+        let connect = || self.connect_counted(endpoint, dest);
         match version {
             HttpVersion::Http2 => self
                 .clients
@@ -478,6 +568,20 @@ impl Upstream {
                 .await
                 .map(|(r, c)| (r, Some(c))),
         }
+    }
+
+    /// [`Upstream::connect`] within the destination's `max_connections`: the stream holds
+    /// a connection slot until it closes.
+    async fn connect_counted(
+        &self,
+        endpoint: &Endpoint,
+        dest: &Arc<Destination>,
+    ) -> Result<Box<dyn Io>, AttemptError> {
+        let slot = dest.try_connection().ok_or(AttemptError::Overflow {
+            limit: Limit::Connections,
+        })?;
+        let io = self.connect(endpoint).await?;
+        Ok(Box::new(CountedIo { io, _slot: slot }))
     }
 
     /// Opens a byte stream to `endpoint`: an HBONE tunnel when it is in the mesh, plain
@@ -527,6 +631,52 @@ impl Upstream {
             .await
             .map_err(|e| AttemptError::connect(addr, format!("HBONE via {hbone_addr}: {e}")))?;
         Ok(Box::new(stream))
+    }
+}
+
+/// A connection that holds a `max_connections` slot while open.
+struct CountedIo {
+    io: Box<dyn Io>,
+    _slot: Permit,
+}
+
+impl AsyncRead for CountedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CountedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }
 

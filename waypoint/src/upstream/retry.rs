@@ -52,6 +52,8 @@ pub enum Failure {
     Protocol,
     /// The client's side failed (its request body broke off).
     Client,
+    /// A circuit-breaking limit refused the attempt; nothing was sent.
+    Overflow,
 }
 
 impl Failure {
@@ -67,6 +69,7 @@ impl Failure {
             Failure::GrpcUnavailable => "grpc_unavailable",
             Failure::Protocol => "protocol_error",
             Failure::Client => "downstream",
+            Failure::Overflow => "overflow",
         }
     }
 }
@@ -136,7 +139,7 @@ impl RetryPolicy {
             Failure::Reset => self.reset,
             Failure::Timeout => self.timeout,
             Failure::GrpcUnavailable => self.unavailable,
-            Failure::Protocol | Failure::Client => false,
+            Failure::Protocol | Failure::Client | Failure::Overflow => false,
             Failure::Status(s) => {
                 (self.unavailable && s == StatusCode::SERVICE_UNAVAILABLE)
                     || self.codes.contains(&s)

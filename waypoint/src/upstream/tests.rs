@@ -93,7 +93,7 @@ async fn upstream() -> (Upstream, tempfile::TempDir) {
     let id: Identity = "spiffe://cluster.local/ns/shop/sa/waypoint"
         .parse()
         .expect("identity");
-    let cert = certs.certs.get(&id).expect("certificate");
+    let cert = certs.certs.get(&id).await.expect("certificate");
     let up = Upstream::new(
         UpstreamConfig {
             connect_timeout: Duration::from_secs(2),

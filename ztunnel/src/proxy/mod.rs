@@ -109,6 +109,12 @@ pub async fn accept_loop<F, Fut>(
 }
 
 /// Why an inbound connection is refused, or `Ok` to let it in. Pure: logs nothing.
+///
+/// - A workload behind a waypoint accepts only that waypoint's identity, and nothing
+///   more is checked here: the waypoint enforced the policies (L4 and L7) with the
+///   client's identity.
+/// - Any other workload gets peer authentication and L4 policy, with the TLS peer's
+///   identity; a policy with L7 fields fails closed, since nothing could enforce them.
 pub fn decide(
     snap: &Snapshot,
     src_identity: Option<&Identity>,
@@ -135,6 +141,11 @@ pub fn decide(
                 wp.name
             ));
         }
+        // Policies for a waypoint-fronted workload are enforced by the waypoint, per
+        // request, with the client's identity (the TLS peer of the tunnel it received).
+        // Here the peer is the waypoint itself, so evaluating them again would judge the
+        // waypoint's identity instead of the client's, and could not see L7 attributes.
+        return Ok(policy::Notes::default());
     }
     if src_identity.is_none() {
         let (mode, source) = snap.config.peer_auth_mode(w);
@@ -150,7 +161,9 @@ pub fn decide(
         src,
         dst,
         dst_workload: w,
+        request: None,
     };
+    // No waypoint fronts this workload: L7 policies cannot be enforced and fail closed.
     match policy::evaluate(&conn, &snap.policies, false) {
         (Decision::Allow, notes) => Ok(notes),
         (Decision::Deny { reason, .. }, _) => Err(reason),
@@ -364,5 +377,59 @@ impl Drop for AccessLog {
             error = self.error.as_deref().unwrap_or_default(),
             "connection complete"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use ambit_shared::config::parse_str;
+
+    use super::*;
+
+    const CONFIG: &str = r#"
+trustDomain: cluster.local
+namespaces:
+  - name: shop
+    labels: { ambit.dev/dataplane-mode: ambient, ambit.dev/use-waypoint: waypoint }
+  - name: data
+    labels: { ambit.dev/dataplane-mode: ambient }
+waypoints:
+  - { name: waypoint, namespace: shop }
+workloads:
+  - { name: waypoint-1, namespace: shop, serviceAccount: waypoint, ips: [10.1.1.9], node: a, labels: { gateway.networking.k8s.io/gateway-name: waypoint } }
+  - { name: api-1, namespace: shop, serviceAccount: api, ips: [10.1.1.2], node: a }
+  - { name: db-1, namespace: data, serviceAccount: db, ips: [10.1.2.2], node: a }
+authorizationPolicies:
+  - { name: a-gets-v1, namespace: shop, action: ALLOW, rules: [{ from: [{ principals: ['spiffe://cluster.local/ns/shop/sa/client-a'] }], to: [{ methods: [GET], paths: ['/v1/*'] }] }] }
+  - { name: reads-only, namespace: data, action: ALLOW, rules: [{ to: [{ methods: [GET] }] }] }
+"#;
+
+    #[test]
+    fn fronted_workloads_accept_their_waypoint_and_leave_policy_to_it() {
+        let snap = Snapshot::new(Arc::new(
+            parse_str(Path::new("t.yaml"), CONFIG).expect("valid config"),
+        ));
+        let id = |s: &str| s.parse::<Identity>().expect("identity");
+        let waypoint = id("spiffe://cluster.local/ns/shop/sa/waypoint");
+        let client = id("spiffe://cluster.local/ns/shop/sa/client-a");
+        let src: IpAddr = "10.1.1.9".parse().expect("ip");
+        let api: SocketAddr = "10.1.1.2:8080".parse().expect("addr");
+        let db: SocketAddr = "10.1.2.2:5432".parse().expect("addr");
+
+        // From the waypoint: in, although the policy names the client and L7 fields.
+        assert_eq!(
+            decide(&snap, Some(&waypoint), src, api),
+            Ok(policy::Notes::default())
+        );
+        // From the client itself: a bypass, refused whatever the policy says.
+        let err = decide(&snap, Some(&client), src, api).expect_err("bypass");
+        assert!(err.contains("bypass refused"), "{err}");
+        // No waypoint in front of db: its L7 policy fails closed, even for the waypoint.
+        for who in [&client, &waypoint] {
+            let err = decide(&snap, Some(who), src, db).expect_err("fail closed");
+            assert!(err.contains("no waypoint to enforce them"), "{err}");
+        }
     }
 }

@@ -199,10 +199,13 @@ pub struct HttpRouteFilter {
     /// For `URLRewrite`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_rewrite: Option<HttpUrlRewriteFilter>,
+    /// For `RequestMirror`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_mirror: Option<HttpRequestMirrorFilter>,
 }
 
-/// The HTTP filters Ambit implements. (`RequestMirror`, `CORS`, `ExternalAuth` and
-/// `ExtensionRef` are refused rather than ignored.)
+/// The HTTP filters Ambit implements. (`CORS`, `ExternalAuth` and `ExtensionRef` are
+/// refused rather than ignored.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum HttpRouteFilterType {
     /// Set, add or remove request headers.
@@ -214,6 +217,8 @@ pub enum HttpRouteFilterType {
     /// Rewrite the host and path before forwarding.
     #[serde(rename = "URLRewrite")]
     UrlRewrite,
+    /// Send a copy of (a share of) requests to another backend; its answer is discarded.
+    RequestMirror,
 }
 
 /// Header changes. One action per header name.
@@ -306,6 +311,57 @@ pub struct HttpUrlRewriteFilter {
     /// Path change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<HttpPathModifier>,
+}
+
+/// `RequestMirror` (Gateway API v1.2 shape): copies of requests go to `backendRef`, whose
+/// answers are discarded. At most one of `percent` and `fraction`; neither mirrors every
+/// request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRequestMirrorFilter {
+    /// The Service (and port) receiving the copies.
+    pub backend_ref: MirrorBackendRef,
+    /// Share of requests mirrored, 0 to 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+    /// Share of requests mirrored, `numerator / denominator`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<MirrorFraction>,
+}
+
+/// The Service a mirror sends to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MirrorBackendRef {
+    /// API group: `""` (or `core`) for a Service, the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Kind: `Service`, the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Service name.
+    pub name: String,
+    /// Namespace; default: the route's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Service port; required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// A share as a fraction; `denominator` defaults to 100.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MirrorFraction {
+    /// Requests mirrored per `denominator`.
+    pub numerator: u32,
+    /// At least 1, and at least `numerator`.
+    #[serde(default = "default_denominator")]
+    pub denominator: u32,
+}
+
+fn default_denominator() -> u32 {
+    100
 }
 
 /// A backend of an `HTTPRoute` rule.

@@ -60,16 +60,21 @@ pub struct PolicyTargetRef {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConnectionPool {
-    /// Upstream connections open to the service at once.
+    /// Upstream HTTP connections open to the service's endpoints at once, idle keep-alive
+    /// ones included (per waypoint replica). A request that needs a new connection when
+    /// the limit is reached waits, as a pending request, until one is free or the connect
+    /// timeout passes (then `UO`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
-    /// Requests waiting for a connection or a request slot.
+    /// Requests waiting for a connection because of `maxConnections`; over it, `UO` at
+    /// once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_pending_requests: Option<u32>,
-    /// Requests in flight at once.
+    /// Requests in flight at once (until the response body ends); over it, `UO` at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests: Option<u32>,
-    /// Retries in flight at once.
+    /// Retries in flight at once; a retry over it is not made, and the failure it would
+    /// have retried is returned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_retries: Option<u32>,
 }

@@ -353,3 +353,43 @@ fn response_filters_and_backend_filters() {
     apply_response_filters(&backend.filters, &mut response);
     assert_eq!(values(&response, "x-route"), ["web"]);
 }
+
+#[test]
+fn request_mirror_compiles_with_its_share_and_leaves_the_request_alone() {
+    let r = router(&[http_route(
+        "web",
+        "[{ filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: shadow, port: 8080 }, \
+         fraction: { numerator: 1, denominator: 4 } } }], backendRefs: [{ name: v1, port: 80, \
+         filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: audit, namespace: ops, port: 80 }, percent: 5 } }] }] }]",
+    )]);
+    let mut p = parts("GET", "/a", &[("host", "web")]);
+    let rule = select(&r, WEB, &Request::from_parts(&p, None))
+        .expect("route")
+        .rule;
+    let shadow = Mirror {
+        namespace: "shop".into(),
+        name: "shadow".into(),
+        port: 8080,
+        numerator: 1,
+        denominator: 4,
+    };
+    assert_eq!(rule.filters, [Filter::RequestMirror(shadow.clone())]);
+    assert!(shadow.selects(0) && !shadow.selects(1) && !shadow.selects(3));
+    let backend = choose_backend(&rule.backends, 0).expect("backend");
+    assert_eq!(
+        backend.filters,
+        [Filter::RequestMirror(Mirror {
+            namespace: "ops".into(),
+            name: "audit".into(),
+            port: 80,
+            numerator: 5,
+            denominator: 100,
+        })]
+    );
+    let before = p.headers.clone();
+    assert_eq!(
+        apply_request_filters(&rule.filters, &mut p, 80),
+        Ok(RequestOutcome::Forward)
+    );
+    assert_eq!(p.headers, before);
+}

@@ -517,9 +517,39 @@ fn route_errors_name_their_field() {
         // Filters.
         (
             "unsupported filter",
-            http("{ parentRefs: [$P], rules: [{ filters: [{ type: RequestMirror }] }] }"),
+            http("{ parentRefs: [$P], rules: [{ filters: [{ type: CORS }] }] }"),
             "spec.rules[0].filters[0].type",
-            "unknown variant `RequestMirror`",
+            "unknown variant `CORS`",
+        ),
+        (
+            "mirror without its config",
+            http("{ parentRefs: [$P], rules: [{ filters: [{ type: RequestMirror }] }] }"),
+            "spec.rules[0].filters[0].requestMirror",
+            "needs `requestMirror`",
+        ),
+        (
+            "mirror without a port",
+            http("{ parentRefs: [$P], rules: [{ filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: shadow } } }] }] }"),
+            "spec.rules[0].filters[0].requestMirror.backendRef.port",
+            "needs `port`",
+        ),
+        (
+            "mirror percent over 100",
+            http("{ parentRefs: [$P], rules: [{ filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: shadow, port: 80 }, percent: 101 } }] }] }"),
+            "spec.rules[0].filters[0].requestMirror.percent",
+            "not a percentage",
+        ),
+        (
+            "mirror fraction over 1",
+            http("{ parentRefs: [$P], rules: [{ filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: shadow, port: 80 }, fraction: { numerator: 3, denominator: 2 } } }] }] }"),
+            "spec.rules[0].filters[0].requestMirror.fraction.numerator",
+            "more than the denominator",
+        ),
+        (
+            "mirror with percent and fraction",
+            http("{ parentRefs: [$P], rules: [{ filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: shadow, port: 80 }, percent: 5, fraction: { numerator: 1 } } }] }] }"),
+            "spec.rules[0].filters[0].requestMirror",
+            "not both",
         ),
         (
             "filter without its config",
