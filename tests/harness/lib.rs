@@ -47,12 +47,15 @@
 //! - [`ztunnel`]: the [`Ztunnel`] handle and its JSON logs.
 //! - [`config`]: the typed YAML config that ztunnel reads.
 //! - [`capture`]: tcpdump captures and pcap helpers.
+//! - [`fake_apiserver`]: a fake Kubernetes API server (list/watch) for the Kubernetes
+//!   config source.
 //! - [`token_review`]: a fake API server (TokenReview, pods by node) for the signer.
 
 pub mod capture;
 pub mod cgroup;
 pub mod cluster;
 pub mod config;
+pub mod fake_apiserver;
 pub mod netns;
 pub mod process;
 pub mod skip;
@@ -69,6 +72,7 @@ use anyhow::{Context as _, Result, bail};
 pub use capture::{Capture, pcap_contains, pcap_text, tcp_ports_seen};
 pub use cluster::{Cluster, Footprint, Node, Pod, PodSpec};
 pub use config::Config;
+pub use fake_apiserver::FakeApiServer;
 pub use process::{OutputLine, Proc, Stream};
 pub use skip::{Unavailable, require_privileges};
 pub use ztunnel::{Ztunnel, ZtunnelOpts};

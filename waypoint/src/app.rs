@@ -9,7 +9,7 @@ use std::time::Duration;
 use ambit_shared::ca::CaPaths;
 use ambit_shared::certs::{self, Certificates};
 use ambit_shared::config::index::{self, Snapshot};
-use ambit_shared::config::watch;
+use ambit_shared::config::source::{self, Source};
 use ambit_shared::drain;
 use ambit_shared::hbone::{Pool, PoolConfig};
 use ambit_shared::identity::Identity;
@@ -29,8 +29,8 @@ use crate::upstream::{Upstream, UpstreamConfig};
 /// Settings of `waypoint run`.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Mesh config file.
-    pub config: PathBuf,
+    /// Where the mesh config comes from.
+    pub source: Source,
     /// This waypoint's name (what `ambit.dev/use-waypoint` labels name).
     pub name: String,
     /// Its namespace.
@@ -119,8 +119,9 @@ pub async fn start_with(
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
 
-    let tx = watch::load_initial(&settings.config)?;
-    let config = tx.subscribe();
+    let reload_metrics = metrics.clone();
+    let (config, config_task) =
+        source::start(&settings.source, move |o| reload_metrics.config_reload(o)).await?;
     let trust_domain = config.borrow().trust_domain.clone();
     let service_account = settings.service_account.clone().unwrap_or_else(|| {
         config
@@ -155,10 +156,7 @@ pub async fn start_with(
 
     let snapshot = index::spawn_index(config.clone());
     let routes = spawn_routes(snapshot.clone());
-    let reload_metrics = metrics.clone();
-    tokio::spawn(watch::watch_file(settings.config.clone(), tx, move |o| {
-        reload_metrics.config_reload(o)
-    }));
+    tokio::spawn(config_task);
     tokio::spawn(warn_on_trust_domain_change(
         config.clone(),
         trust_domain.clone(),

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ambit_shared::config::source::Source;
 use ambit_shared::hbone::PoolConfig;
 use ambit_waypoint::listener::plaintext::PlaintextListen;
 use ambit_waypoint::{app, listener, upstream};
@@ -45,9 +46,21 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Mesh config file (YAML, the same as ztunnel's); re-read when it changes.
+    /// Mesh config file (YAML, the same as ztunnel's); re-read when it changes
+    /// (`--config-source file`).
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// Where the mesh config comes from. From Kubernetes, only the waypoint's own
+    /// namespace is watched.
+    #[arg(long, value_enum, default_value_t = ConfigSourceKind::File)]
+    config_source: ConfigSourceKind,
+    /// Kubernetes API server URL, e.g. `http://10.0.0.1:8080` (`--config-source
+    /// kubernetes`); default: the kubeconfig's, else the in-cluster service account's.
+    #[arg(long)]
+    kube_url: Option<String>,
+    /// SPIFFE trust domain with `--config-source kubernetes` (a config file names its own).
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
     /// This waypoint's name, as `ambit.dev/use-waypoint` labels name it.
     #[arg(long)]
     name: String,
@@ -137,6 +150,52 @@ fn raise_fd_limit() {
     }
 }
 
+/// `--config-source`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum ConfigSourceKind {
+    /// The YAML file given by `--config`.
+    File,
+    /// The Kubernetes API (needs the `kubernetes` build feature).
+    Kubernetes,
+}
+
+/// The config source the flags select.
+fn config_source(
+    kind: ConfigSourceKind,
+    config: Option<PathBuf>,
+    kube_url: Option<String>,
+    trust_domain: String,
+    namespace: Option<String>,
+) -> anyhow::Result<Source> {
+    match kind {
+        ConfigSourceKind::File => {
+            let path = config.context("--config is required with --config-source file")?;
+            Ok(Source::File(path))
+        }
+        #[cfg(feature = "kubernetes")]
+        ConfigSourceKind::Kubernetes => {
+            let url = kube_url
+                .map(|u| u.parse::<http::Uri>())
+                .transpose()
+                .context("--kube-url is not a URL")?;
+            Ok(Source::Kubernetes(
+                ambit_shared::config::kube::KubeSettings {
+                    url,
+                    trust_domain,
+                    namespace,
+                },
+            ))
+        }
+        #[cfg(not(feature = "kubernetes"))]
+        ConfigSourceKind::Kubernetes => {
+            let _ = (kube_url, trust_domain, namespace);
+            anyhow::bail!(
+                "--config-source kubernetes: this binary was built without the `kubernetes` feature"
+            )
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Logs to stderr, filtered by `RUST_LOG` (default `info`).
@@ -161,7 +220,13 @@ fn main() -> anyhow::Result<()> {
     let settings = app::Settings {
         signer,
         service_account: args.service_account,
-        config: args.config,
+        source: config_source(
+            args.config_source,
+            args.config,
+            args.kube_url,
+            args.trust_domain,
+            Some(args.namespace.clone()),
+        )?,
         name: args.name,
         namespace: args.namespace,
         ca_dir: args.ca_dir.unwrap_or_default(),

@@ -236,7 +236,7 @@ async fn harness() -> Harness {
     echo(SocketAddr::from(([127, 0, 0, 8], echo_port))).await;
     let any = "127.0.0.1:0".parse().expect("addr");
     let running = app::start(Settings {
-        config: path,
+        source: ambit_shared::config::source::Source::File(path),
         name: "waypoint".into(),
         namespace: "shop".into(),
         service_account: None,

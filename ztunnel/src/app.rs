@@ -10,7 +10,7 @@ use ambit_ebpf::{Capture, CaptureConfig};
 use ambit_shared::ca::CaPaths;
 use ambit_shared::certs::{self, Certificates};
 use ambit_shared::config::index::{self, Snapshot};
-use ambit_shared::config::watch;
+use ambit_shared::config::source::{self, Source};
 use ambit_shared::hbone::{Pool, PoolConfig};
 use ambit_shared::logging::FilterHandle;
 use ambit_shared::signer::client::SignerConfig;
@@ -33,8 +33,8 @@ const NETNS_CHECK: Duration = Duration::from_secs(5);
 /// Settings of `ztunnel run`.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Config file.
-    pub config: PathBuf,
+    /// Where the config comes from.
+    pub source: Source,
     /// This node's name; only its workloads are served.
     pub node: String,
     /// Local CA directory (file/dev mode); unused with a central signer.
@@ -74,8 +74,8 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
     let reloads = ConfigReloads::new(ambit);
     let cert_metrics = CertMetrics::new(ambit);
 
-    let tx = watch::load_initial(&settings.config)?;
-    let mut rx = tx.subscribe();
+    let (mut rx, config_task) =
+        source::start(&settings.source, move |outcome| reloads.record(outcome)).await?;
     let trust_domain = rx.borrow().trust_domain.clone();
     let ca_paths = CaPaths::new(&settings.ca_dir);
     let certificates = match &settings.signer {
@@ -140,11 +140,7 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
         Arc::new(dns),
     );
 
-    tokio::spawn(watch::watch_file(
-        settings.config.clone(),
-        tx,
-        move |outcome| reloads.record(outcome),
-    ));
+    tokio::spawn(config_task);
     // Bound before the first reconcile: an ADD that arrives early waits in the queue.
     let mut cni_rx = match &settings.cni_socket {
         Some(path) => {

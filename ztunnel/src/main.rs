@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ambit_shared::ca::{self, CaPaths, LocalCa, Validity};
+use ambit_shared::config::source::Source;
 use ambit_shared::hbone::PoolConfig;
 use ambit_shared::tls::CertInfo;
 use anyhow::Context;
@@ -152,9 +153,19 @@ impl SignerClientArgs {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Mesh config file (YAML); re-read when it changes.
+    /// Mesh config file (YAML); re-read when it changes (`--config-source file`).
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// Where the mesh config comes from.
+    #[arg(long, value_enum, default_value_t = ConfigSourceKind::File)]
+    config_source: ConfigSourceKind,
+    /// Kubernetes API server URL, e.g. `http://10.0.0.1:8080` (`--config-source
+    /// kubernetes`); default: the kubeconfig's, else the in-cluster service account's.
+    #[arg(long)]
+    kube_url: Option<String>,
+    /// SPIFFE trust domain with `--config-source kubernetes` (a config file names its own).
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
     /// Name of this node; only workloads with this `node` are served.
     #[arg(long)]
     node: String,
@@ -199,6 +210,52 @@ struct RunArgs {
     /// Serve the CNI hook on this Unix socket (mode 0600), e.g. /var/run/ambit/cni.sock.
     #[arg(long)]
     cni_socket: Option<PathBuf>,
+}
+
+/// `--config-source`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum ConfigSourceKind {
+    /// The YAML file given by `--config`.
+    File,
+    /// The Kubernetes API (needs the `kubernetes` build feature).
+    Kubernetes,
+}
+
+/// The config source the flags select.
+fn config_source(
+    kind: ConfigSourceKind,
+    config: Option<PathBuf>,
+    kube_url: Option<String>,
+    trust_domain: String,
+    namespace: Option<String>,
+) -> anyhow::Result<Source> {
+    match kind {
+        ConfigSourceKind::File => {
+            let path = config.context("--config is required with --config-source file")?;
+            Ok(Source::File(path))
+        }
+        #[cfg(feature = "kubernetes")]
+        ConfigSourceKind::Kubernetes => {
+            let url = kube_url
+                .map(|u| u.parse::<http::Uri>())
+                .transpose()
+                .context("--kube-url is not a URL")?;
+            Ok(Source::Kubernetes(
+                ambit_shared::config::kube::KubeSettings {
+                    url,
+                    trust_domain,
+                    namespace,
+                },
+            ))
+        }
+        #[cfg(not(feature = "kubernetes"))]
+        ConfigSourceKind::Kubernetes => {
+            let _ = (kube_url, trust_domain, namespace);
+            anyhow::bail!(
+                "--config-source kubernetes: this binary was built without the `kubernetes` feature"
+            )
+        }
+    }
 }
 
 /// Lifetimes of a new root and issuer.
@@ -486,7 +543,13 @@ fn main() -> anyhow::Result<()> {
             raise_fd_limit();
             let signer = args.signer.config(args.ca_dir.as_deref())?;
             let settings = app::Settings {
-                config: args.config,
+                source: config_source(
+                    args.config_source,
+                    args.config,
+                    args.kube_url,
+                    args.trust_domain,
+                    None,
+                )?,
                 node: args.node,
                 ca_dir: args.ca_dir.unwrap_or_default(),
                 signer,

@@ -77,6 +77,22 @@ pub fn parse_str(path: &Path, text: &str) -> Result<Config, ConfigError> {
 
 type Invalid = (String, String);
 
+/// A field of an in-memory [`Config`] that fails validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("field `{field}`: {reason}")]
+pub struct InvalidField {
+    /// Path of the offending field, e.g. `workloads[2].ips[0]`.
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Validates a [`Config`] built in memory (e.g. translated from Kubernetes objects) with
+/// the same rules as a file.
+pub fn validate_config(config: &Config) -> Result<(), InvalidField> {
+    validate(config).map_err(|(field, reason)| InvalidField { field, reason })
+}
+
 fn validate(c: &Config) -> Result<(), Invalid> {
     validate_component("trust domain", &c.trust_domain)
         .map_err(|e| ("trustDomain".into(), e.to_string()))?;

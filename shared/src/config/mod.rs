@@ -7,10 +7,13 @@
 
 pub mod file;
 pub mod index;
+#[cfg(feature = "kubernetes")]
+pub mod kube;
 pub mod model;
+pub mod source;
 pub mod watch;
 
-pub use file::{ConfigError, load_file, parse_str};
+pub use file::{ConfigError, InvalidField, load_file, parse_str, validate_config};
 pub use model::{
     Action, AuthorizationPolicy, Config, EndpointRef, GatewayDuration, Namespace, ObjectMeta,
     Operation, ParentReference, PeerAuthMode, PeerAuthentication, Protocol, Route, RouteKind,
