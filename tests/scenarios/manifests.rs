@@ -212,7 +212,7 @@ fn daemonset_with_containers_object_is_rejected() -> Result<()> {
         "daemonset_with_containers_object_is_rejected",
         "base/ztunnel-daemonset.yaml",
         "      containers:\n        - name: ztunnel\n",
-        "      containers: {}\n      initContainers:\n        - name: ztunnel\n",
+        "      containers: {}\n      ephemeralContainers:\n        - name: ztunnel\n",
         &[
             "deploy/base",
             "daemonset/ztunnel",
@@ -656,9 +656,36 @@ fn installed_privileges_are_least() -> Result<()> {
         .flatten()
         .filter_map(|v| v["hostPath"]["path"].as_str().map(str::to_string))
         .collect();
+    // Capture: /proc, bpffs, cgroup2. The CNI hook: the runtime's plugin and config
+    // directories (written only by the init container), the hook's socket directory and the
+    // pod network namespaces the runtime names in its requests.
     ensure!(
-        host_paths == set(&["/proc", "/sys/fs/bpf", "/sys/fs/cgroup"]),
+        host_paths
+            == set(&[
+                "/proc",
+                "/sys/fs/bpf",
+                "/sys/fs/cgroup",
+                "/opt/cni/bin",
+                "/etc/cni/net.d",
+                "/var/run/ambit/cni",
+                "/var/run/netns",
+            ]),
         "ztunnel hostPaths: {host_paths:?}"
+    );
+    // Only the init container writes the CNI directories, and it holds no capability.
+    let init = &pod["initContainers"][0];
+    ensure!(init["name"] == json!("install-cni"), "no CNI installer");
+    ensure!(strings(&init["securityContext"]["capabilities"]["drop"]) == set(&["ALL"]));
+    ensure!(init["securityContext"]["capabilities"].get("add").is_none());
+    let ztunnel_mounts: BTreeSet<String> = c["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["name"].as_str().map(str::to_string))
+        .collect();
+    ensure!(
+        !ztunnel_mounts.contains("cni-bin") && !ztunnel_mounts.contains("cni-net"),
+        "the ztunnel container mounts the CNI directories: {ztunnel_mounts:?}"
     );
     ensure!(c["readinessProbe"]["httpGet"] == json!({ "path": "/healthz/ready", "port": 15021 }));
     ensure!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == json!(1));

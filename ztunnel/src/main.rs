@@ -166,8 +166,9 @@ struct RunArgs {
     /// SPIFFE trust domain with `--config-source kubernetes` (a config file names its own).
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
-    /// Name of this node; only workloads with this `node` are served.
-    #[arg(long)]
+    /// Name of this node; only workloads with this `node` are served. In a DaemonSet it
+    /// comes from `NODE_NAME` (the downward API's `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
     node: String,
     /// Local CA directory (from `ztunnel ca init`); not needed with --signer.
     #[arg(long, required_unless_present = "signer")]
