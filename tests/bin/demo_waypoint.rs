@@ -16,11 +16,24 @@ use super::{Demo, HTTP_PORT, SHORT, TRUST_DOMAIN, checkpoint};
 const SPLIT_REQUESTS: usize = 200;
 const CANARY_BOUND: std::ops::RangeInclusive<usize> = 6..=34;
 const HEADER_REQUESTS: usize = 20;
+/// Shop's frontend may read reviews, but not its admin pages; applies to the reviews pods,
+/// which sit behind the waypoint, so the waypoint enforces it per request.
+const POLICY: &str = "
+- name: reviews-readers
+  namespace: store
+  selector: {app: reviews}
+  action: ALLOW
+  rules:
+    - from: [{principals: ['spiffe://cluster.local/ns/shop/sa/frontend']}]
+      to: [{methods: [GET], notPaths: ['/admin/*']}]
+";
 
 impl Demo<'_, '_> {
     pub(super) fn waypoint(&mut self) -> Result<()> {
         let ui = self.ui;
-        ui.heading("6. L7 with a waypoint: a 90/10 canary and header-based routing");
+        ui.heading(
+            "6. L7 with a waypoint: a 90/10 canary, header-based routing and L7 authorization",
+        );
         let nodes = self.cluster.nodes();
         let (a, b) = (
             nodes.first().context("node-a")?,
@@ -77,6 +90,10 @@ impl Demo<'_, '_> {
             );
             c.extra
                 .insert("routes".into(), serde_yaml_ng::from_str(route)?);
+            c.extra.insert(
+                "authorizationPolicies".into(),
+                serde_yaml_ng::from_str(POLICY)?,
+            );
             Ok(())
         })?;
         let cursors = (self.m.zt_a.log_cursor(), self.m.zt_b.log_cursor());
@@ -150,6 +167,37 @@ impl Demo<'_, '_> {
             "requests with x-canary: true all went to reviews-v2",
             to_v2 == HEADER_REQUESTS,
             || format!("only {to_v2} of {HEADER_REQUESTS}"),
+        );
+
+        // L7 authorization, enforced by the waypoint with the client's identity.
+        ui.out(
+            "policy reviews-readers (store): shop/frontend may GET anything on reviews except /admin/*",
+        );
+        let admin = format!("http://{vip}/admin/stats");
+        ui.command(&format!("curl -s {admin}"), "from shop/frontend");
+        let denied = curl_many(&self.m.frontend, &admin, 1, None)?;
+        let denied = denied.first().map(String::as_str).unwrap_or_default();
+        ui.out(format!("answer: {denied:?}"));
+        let is_denial = |v: &Value| {
+            v["target"] == "access"
+                && field_str(v, "path") == "/admin/stats"
+                && field(v, "status").and_then(Value::as_u64) == Some(403)
+        };
+        let logged = waypoint.wait_for_line(SHORT, |l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|v| is_denial(&v))
+        });
+        let policy = logged
+            .ok()
+            .and_then(|l| serde_json::from_str::<Value>(&l).ok())
+            .map(|v| field_str(&v, "authz_policy").to_string())
+            .unwrap_or_default();
+        ui.out(format!(
+            "the waypoint logged 403 with authz_policy={policy:?}"
+        ));
+        self.report.expect(
+            "L7 authorization: GET /admin/stats refused by the waypoint with 403, naming the policy",
+            denied.contains("RBAC: access denied") && policy.ends_with("/reviews-readers"),
+            || format!("answer {denied:?}, logged policy {policy:?}"),
         );
 
         // What the hops logged.
