@@ -34,6 +34,7 @@ pub mod hbone;
 pub mod identity;
 pub mod logging;
 pub mod policy;
+pub mod rlimit;
 pub mod route;
 pub mod signer;
 pub mod telemetry;

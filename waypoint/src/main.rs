@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ambit_shared::config::source::Source;
+use ambit_shared::config::source::{Source, SourceKind};
 use ambit_shared::hbone::PoolConfig;
 use ambit_waypoint::listener::plaintext::PlaintextListen;
 use ambit_waypoint::{app, listener, upstream};
@@ -52,8 +52,8 @@ struct RunArgs {
     config: Option<PathBuf>,
     /// Where the mesh config comes from. From Kubernetes, only the waypoint's own
     /// namespace is watched.
-    #[arg(long, value_enum, default_value_t = ConfigSourceKind::File)]
-    config_source: ConfigSourceKind,
+    #[arg(long, default_value = "file")]
+    config_source: SourceKind,
     /// Kubernetes API server URL, e.g. `http://10.0.0.1:8080` (`--config-source
     /// kubernetes`); default: the kubeconfig's, else the in-cluster service account's.
     #[arg(long)]
@@ -134,93 +134,23 @@ struct RunArgs {
     plaintext_listen: Vec<PlaintextListen>,
 }
 
-/// Every connection costs a descriptor (two when forwarded): the soft limit (often 1024)
-/// would cap the waypoint long before memory does, so it is raised to the hard limit.
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-files limit"),
-            Err(e) => {
-                tracing::warn!(soft, hard, error = %e, "could not raise the open-files limit")
-            }
-        },
-        Ok((soft, _)) => tracing::info!(limit = soft, "open-files limit"),
-        Err(e) => tracing::warn!(error = %e, "could not read the open-files limit"),
-    }
-}
-
-/// `--config-source`.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-enum ConfigSourceKind {
-    /// The YAML file given by `--config`.
-    File,
-    /// The Kubernetes API (needs the `kubernetes` build feature).
-    Kubernetes,
-}
-
-/// The config source the flags select.
-fn config_source(
-    kind: ConfigSourceKind,
-    config: Option<PathBuf>,
-    kube_url: Option<String>,
-    trust_domain: String,
-    namespace: Option<String>,
-) -> anyhow::Result<Source> {
-    match kind {
-        ConfigSourceKind::File => {
-            let path = config.context("--config is required with --config-source file")?;
-            Ok(Source::File(path))
-        }
-        #[cfg(feature = "kubernetes")]
-        ConfigSourceKind::Kubernetes => {
-            let url = kube_url
-                .map(|u| u.parse::<http::Uri>())
-                .transpose()
-                .context("--kube-url is not a URL")?;
-            Ok(Source::Kubernetes(
-                ambit_shared::config::kube::KubeSettings {
-                    url,
-                    trust_domain,
-                    namespace,
-                },
-            ))
-        }
-        #[cfg(not(feature = "kubernetes"))]
-        ConfigSourceKind::Kubernetes => {
-            let _ = (kube_url, trust_domain, namespace);
-            anyhow::bail!(
-                "--config-source kubernetes: this binary was built without the `kubernetes` feature"
-            )
-        }
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Logs to stderr, filtered by `RUST_LOG` (default `info`).
     ambit_shared::logging::init(matches!(cli.log_format, LogFormat::Json));
     let Command::Run(args) = cli.command;
-    raise_fd_limit();
-    let signer = match (args.signer, &args.signer_ca, &args.ca_dir) {
-        (None, _, _) => None,
-        (Some(url), ca, dir) => Some(ambit_shared::signer::client::SignerConfig {
-            url,
-            signer_ca: match (ca, dir) {
-                (Some(p), _) => p.clone(),
-                (None, Some(d)) => ambit_shared::ca::CaPaths::new(d).bundle(),
-                (None, None) => {
-                    anyhow::bail!("--signer needs --signer-ca (or --ca-dir holding bundle.pem)")
-                }
-            },
-            token_file: args.token_file,
-        }),
-    };
+    ambit_shared::rlimit::raise_fd_limit();
+    let signer = ambit_shared::signer::client::SignerConfig::from_flags(
+        args.signer,
+        args.signer_ca.clone(),
+        args.ca_dir.as_deref(),
+        args.token_file,
+    )?;
     let plaintext = args.plaintext_listen.clone();
     let settings = app::Settings {
         signer,
         service_account: args.service_account,
-        source: config_source(
+        source: Source::from_flags(
             args.config_source,
             args.config,
             args.kube_url,

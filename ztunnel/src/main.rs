@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ambit_shared::ca::{self, CaPaths, LocalCa, Validity};
-use ambit_shared::config::source::Source;
+use ambit_shared::config::source::{Source, SourceKind};
 use ambit_shared::hbone::PoolConfig;
 use ambit_shared::tls::CertInfo;
 use anyhow::Context;
@@ -133,21 +133,12 @@ impl SignerClientArgs {
         self,
         ca_dir: Option<&std::path::Path>,
     ) -> anyhow::Result<Option<ambit_shared::signer::client::SignerConfig>> {
-        let Some(url) = self.signer else {
-            return Ok(None);
-        };
-        let signer_ca = match (self.signer_ca, ca_dir) {
-            (Some(p), _) => p,
-            (None, Some(dir)) => CaPaths::new(dir).bundle(),
-            (None, None) => {
-                anyhow::bail!("--signer needs --signer-ca (or --ca-dir holding bundle.pem)")
-            }
-        };
-        Ok(Some(ambit_shared::signer::client::SignerConfig {
-            url,
-            signer_ca,
-            token_file: self.token_file,
-        }))
+        Ok(ambit_shared::signer::client::SignerConfig::from_flags(
+            self.signer,
+            self.signer_ca,
+            ca_dir,
+            self.token_file,
+        )?)
     }
 }
 
@@ -157,8 +148,8 @@ struct RunArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Where the mesh config comes from.
-    #[arg(long, value_enum, default_value_t = ConfigSourceKind::File)]
-    config_source: ConfigSourceKind,
+    #[arg(long, default_value = "file")]
+    config_source: SourceKind,
     /// Kubernetes API server URL, e.g. `http://10.0.0.1:8080` (`--config-source
     /// kubernetes`); default: the kubeconfig's, else the in-cluster service account's.
     #[arg(long)]
@@ -211,52 +202,6 @@ struct RunArgs {
     /// Serve the CNI hook on this Unix socket (mode 0600), e.g. /var/run/ambit/cni.sock.
     #[arg(long)]
     cni_socket: Option<PathBuf>,
-}
-
-/// `--config-source`.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-enum ConfigSourceKind {
-    /// The YAML file given by `--config`.
-    File,
-    /// The Kubernetes API (needs the `kubernetes` build feature).
-    Kubernetes,
-}
-
-/// The config source the flags select.
-fn config_source(
-    kind: ConfigSourceKind,
-    config: Option<PathBuf>,
-    kube_url: Option<String>,
-    trust_domain: String,
-    namespace: Option<String>,
-) -> anyhow::Result<Source> {
-    match kind {
-        ConfigSourceKind::File => {
-            let path = config.context("--config is required with --config-source file")?;
-            Ok(Source::File(path))
-        }
-        #[cfg(feature = "kubernetes")]
-        ConfigSourceKind::Kubernetes => {
-            let url = kube_url
-                .map(|u| u.parse::<http::Uri>())
-                .transpose()
-                .context("--kube-url is not a URL")?;
-            Ok(Source::Kubernetes(
-                ambit_shared::config::kube::KubeSettings {
-                    url,
-                    trust_domain,
-                    namespace,
-                },
-            ))
-        }
-        #[cfg(not(feature = "kubernetes"))]
-        ConfigSourceKind::Kubernetes => {
-            let _ = (kube_url, trust_domain, namespace);
-            anyhow::bail!(
-                "--config-source kubernetes: this binary was built without the `kubernetes` feature"
-            )
-        }
-    }
 }
 
 /// Lifetimes of a new root and issuer.
@@ -364,23 +309,6 @@ fn print_cert(what: &str, c: &CertInfo, now: time::OffsetDateTime) {
         left / 86_400,
         c.fingerprint
     );
-}
-
-/// Each captured connection costs two descriptors (client and upstream): the soft limit
-/// (often 1024) would cap a node's connections long before memory does, so it is raised to
-/// the hard limit.
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-files limit"),
-            Err(e) => {
-                tracing::warn!(soft, hard, error = %e, "could not raise the open-files limit")
-            }
-        },
-        Ok((soft, _)) => tracing::info!(limit = soft, "open-files limit"),
-        Err(e) => tracing::warn!(error = %e, "could not read the open-files limit"),
-    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -541,10 +469,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => {
             let args = *args;
-            raise_fd_limit();
+            ambit_shared::rlimit::raise_fd_limit();
             let signer = args.signer.config(args.ca_dir.as_deref())?;
             let settings = app::Settings {
-                source: config_source(
+                source: Source::from_flags(
                     args.config_source,
                     args.config,
                     args.kube_url,

@@ -26,6 +26,79 @@ pub enum Source {
     Kubernetes(super::kube::KubeSettings),
 }
 
+/// Which source the command line chose (`--config-source file|kubernetes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// The YAML file given by `--config`.
+    File,
+    /// The Kubernetes API (needs the `kubernetes` build feature).
+    Kubernetes,
+}
+
+impl std::str::FromStr for SourceKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "file" => Ok(SourceKind::File),
+            "kubernetes" => Ok(SourceKind::Kubernetes),
+            other => Err(format!(
+                "`{other}` is not a config source: use file or kubernetes"
+            )),
+        }
+    }
+}
+
+/// Why the command line names no usable source.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceFlagsError {
+    /// File mode without a file.
+    #[error("--config is required with --config-source file")]
+    NoFile,
+    /// A `--kube-url` that does not parse.
+    #[error("--kube-url {0:?} is not a URL")]
+    BadKubeUrl(String),
+    /// Kubernetes mode in a binary built without it.
+    #[error("--config-source kubernetes: this binary was built without the `kubernetes` feature")]
+    NoKubernetes,
+}
+
+impl Source {
+    /// The source the flags select; `namespace` limits a Kubernetes source to one
+    /// namespace (the waypoint's).
+    pub fn from_flags(
+        kind: SourceKind,
+        config: Option<PathBuf>,
+        kube_url: Option<String>,
+        trust_domain: String,
+        namespace: Option<String>,
+    ) -> Result<Source, SourceFlagsError> {
+        match kind {
+            SourceKind::File => config.map(Source::File).ok_or(SourceFlagsError::NoFile),
+            #[cfg(feature = "kubernetes")]
+            SourceKind::Kubernetes => {
+                let url = match kube_url {
+                    Some(u) => Some(
+                        u.parse::<http::Uri>()
+                            .map_err(|_| SourceFlagsError::BadKubeUrl(u))?,
+                    ),
+                    None => None,
+                };
+                Ok(Source::Kubernetes(super::kube::KubeSettings {
+                    url,
+                    trust_domain,
+                    namespace,
+                }))
+            }
+            #[cfg(not(feature = "kubernetes"))]
+            SourceKind::Kubernetes => {
+                let _ = (kube_url, trust_domain, namespace);
+                Err(SourceFlagsError::NoKubernetes)
+            }
+        }
+    }
+}
+
 /// Why no initial config could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {

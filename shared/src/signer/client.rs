@@ -72,6 +72,36 @@ pub struct SignerConfig {
     pub token_file: PathBuf,
 }
 
+/// `--signer` was given without roots to verify the signer with.
+#[derive(Debug, thiserror::Error)]
+#[error("--signer needs --signer-ca (or --ca-dir holding bundle.pem)")]
+pub struct NoSignerRoots;
+
+impl SignerConfig {
+    /// The signer the flags name, if any: `--signer URL`, verified with `--signer-ca`, else
+    /// with `<ca-dir>/bundle.pem`.
+    pub fn from_flags(
+        url: Option<String>,
+        signer_ca: Option<PathBuf>,
+        ca_dir: Option<&std::path::Path>,
+        token_file: PathBuf,
+    ) -> Result<Option<SignerConfig>, NoSignerRoots> {
+        let Some(url) = url else {
+            return Ok(None);
+        };
+        let signer_ca = match (signer_ca, ca_dir) {
+            (Some(p), _) => p,
+            (None, Some(dir)) => crate::ca::CaPaths::new(dir).bundle(),
+            (None, None) => return Err(NoSignerRoots),
+        };
+        Ok(Some(SignerConfig {
+            url,
+            signer_ca,
+            token_file,
+        }))
+    }
+}
+
 /// A [`CertificateSource`] that asks the central signer.
 #[derive(Debug)]
 pub struct RemoteSigner {
