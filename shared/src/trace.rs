@@ -113,25 +113,12 @@ impl fmt::Display for TraceParent {
     }
 }
 
+/// Trace ids need uniqueness, not secrecy, and are made for every request: a thread-local
+/// PRNG (seeded once per thread) keeps the per-request `getrandom` syscall of the system
+/// CSPRNG off the request path.
 fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
-    if crate::tls::provider()
-        .secure_random
-        .fill(&mut bytes)
-        .is_err()
-    {
-        // Tracing ids need uniqueness, not secrecy; fall back to the clock and a counter.
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static COUNTER: AtomicU64 = AtomicU64::new(1);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(1);
-        let seed = nanos ^ u128::from(COUNTER.fetch_add(1, Ordering::Relaxed)) << 64;
-        for (i, b) in bytes.iter_mut().enumerate() {
-            *b = (seed >> ((i % 16) * 8)) as u8;
-        }
-    }
+    fastrand::fill(&mut bytes);
     bytes
 }
 
