@@ -91,6 +91,10 @@ fn with_proxy_cpu<T>(
 struct Throughput(L4Settings);
 
 impl Scenario<Bench> for Throughput {
+    fn applies_to(&self, kind: Kind) -> bool {
+        // The relay floor is only of interest where latency is.
+        kind != Kind::Relay
+    }
     fn id(&self) -> &'static str {
         "throughput"
     }
@@ -170,7 +174,9 @@ impl Scenario<Bench> for FixedRate {
              source pod `ambit-bench load {}`: an open-loop HTTP/1.1 client, each of the \
              keep-alive connections on its own evenly spaced schedule; latency is counted from \
              the scheduled send time whenever the previous response was late (no coordinated \
-             omission).",
+             omission). `relay` is not a competitor but the floor: an HAProxy pair in plain \
+             TCP mode (no TLS) puts the same two extra processes in the path, so what it adds \
+             is what the hops alone cost here.",
             self.args("<dst>:80").join(" ")
         )
     }
@@ -212,6 +218,10 @@ impl Scenario<Bench> for FixedRate {
 struct Saturation(L4Settings);
 
 impl Scenario<Bench> for Saturation {
+    fn applies_to(&self, kind: Kind) -> bool {
+        // The relay floor is only of interest where latency is.
+        kind != Kind::Relay
+    }
     fn id(&self) -> &'static str {
         "saturation"
     }
@@ -287,6 +297,10 @@ impl ConnRate {
 }
 
 impl Scenario<Bench> for ConnRate {
+    fn applies_to(&self, kind: Kind) -> bool {
+        // The relay floor is only of interest where latency is.
+        kind != Kind::Relay
+    }
     fn id(&self) -> &'static str {
         "connrate"
     }
@@ -462,7 +476,7 @@ impl Scenario<Bench> for Memory {
         ]
     }
     fn applies_to(&self, kind: Kind) -> bool {
-        kind.has_proxy()
+        kind.has_proxy() && kind != Kind::Relay
     }
     fn run_once(&self, bench: &mut Bench, kind: Kind) -> Result<Sample> {
         let mut s = Sample::default();

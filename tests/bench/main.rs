@@ -86,7 +86,7 @@ struct RunArgs {
     /// Repetitions per scenario and contender [default: 5].
     #[arg(long)]
     reps: Option<usize>,
-    /// Seconds per measured L4 run [default: 5].
+    /// Seconds per measured L4 run [default: 3].
     #[arg(long)]
     secs: Option<u64>,
     /// Seconds per measured L7 run [default: 3].
@@ -102,7 +102,7 @@ struct RunArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "direct,ztunnel,stunnel,haproxy"
+        default_value = "direct,ztunnel,stunnel,haproxy,relay"
     )]
     contenders: Vec<Kind>,
     /// L7 contenders; direct is always included.
@@ -425,7 +425,7 @@ fn run_l4(args: &RunArgs) -> Result<(String, Option<anyhow::Error>)> {
     let (started_utc, _) = report::now_utc();
     let load_before = report::loadavg();
     let reps = args.reps.unwrap_or(if args.quick { 1 } else { 5 }).max(1);
-    let secs = args.secs.unwrap_or(if args.quick { 2 } else { 5 }).max(1);
+    let secs = args.secs.unwrap_or(if args.quick { 2 } else { 3 }).max(1);
     let mut kinds = args.contenders.clone();
     kinds.push(Kind::Direct);
     kinds.sort();

@@ -20,6 +20,10 @@ pub enum Kind {
     /// HAProxy in TCP mode doing TLS origination in the source pod and termination in the
     /// destination pod.
     Haproxy,
+    /// The hop floor, not a competitor: an HAProxy pair in plain TCP mode (no TLS), so the
+    /// same two extra processes sit in the path doing nothing but copying. What it adds is
+    /// what the hops themselves cost on this machine (wake-ups and context switches).
+    Relay,
     /// L7: nginx as a reverse proxy.
     Nginx,
     /// L7: Envoy with the equivalent filter chain.
@@ -36,7 +40,7 @@ impl Kind {
     pub fn is_l4(self) -> bool {
         matches!(
             self,
-            Kind::Direct | Kind::Ztunnel | Kind::Stunnel | Kind::Haproxy
+            Kind::Direct | Kind::Ztunnel | Kind::Stunnel | Kind::Haproxy | Kind::Relay
         )
     }
 
@@ -47,6 +51,7 @@ impl Kind {
             Kind::Ztunnel => "ztunnel",
             Kind::Stunnel => "stunnel",
             Kind::Haproxy => "haproxy",
+            Kind::Relay => "relay",
             Kind::Nginx => "nginx",
             Kind::Envoy => "envoy",
             Kind::Waypoint => "waypoint",

@@ -138,7 +138,7 @@ impl Bench {
         let mut contenders = Vec::new();
         for (kind, client, server) in pods {
             let pair = match kind {
-                Kind::Stunnel | Kind::Haproxy => {
+                Kind::Stunnel | Kind::Haproxy | Kind::Relay => {
                     let tls = dir.join(kind.name());
                     let cc = tunnels::issue(&cluster, &client.identity(), &tls.join("client"))?;
                     let sc = tunnels::issue(&cluster, &server.identity(), &tls.join("server"))?;

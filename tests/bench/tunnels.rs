@@ -1,4 +1,5 @@
-//! The two "TLS without a mesh" contenders: a stunnel4 pair and an HAProxy pair.
+//! The two "TLS without a mesh" contenders, a stunnel4 pair and an HAProxy pair, and the
+//! plaintext HAProxy relay pair that measures the floor the extra hops set.
 //!
 //! The client side runs in the source pod, listening on loopback and originating TLS to the
 //! destination pod; the server side runs in the destination pod, terminating TLS and
@@ -99,6 +100,11 @@ impl Pair {
             Kind::Haproxy => (
                 haproxy_client(client, server_ip, routes),
                 haproxy_server(server, routes),
+                "cfg",
+            ),
+            Kind::Relay => (
+                relay_client(server_ip, routes),
+                relay_server(routes),
                 "cfg",
             ),
             other => bail!("{} is not a TLS tunnel pair", other.name()),
@@ -245,6 +251,37 @@ fn haproxy_client(creds: &Creds, server: Ipv4Addr, routes: &[Route]) -> String {
     s
 }
 
+/// The plaintext relay pair: HAProxy's TCP mode with no `ssl` on either side.
+fn relay_client(server: Ipv4Addr, routes: &[Route]) -> String {
+    let mut s = haproxy_global();
+    for r in routes {
+        let _ = write!(
+            s,
+            "\nfrontend {n}\n    bind 127.0.0.1:{lp}\n    default_backend {n}\n\n\
+             backend {n}\n    server {n} {server}:{tp}\n",
+            n = r.name,
+            lp = r.local_port,
+            tp = r.tls_port,
+        );
+    }
+    s
+}
+
+fn relay_server(routes: &[Route]) -> String {
+    let mut s = haproxy_global();
+    for r in routes {
+        let _ = write!(
+            s,
+            "\nfrontend {n}\n    bind 0.0.0.0:{tp}\n    default_backend {n}\n\n\
+             backend {n}\n    server app 127.0.0.1:{ap}\n",
+            n = r.name,
+            tp = r.tls_port,
+            ap = r.app_port,
+        );
+    }
+    s
+}
+
 fn haproxy_server(creds: &Creds, routes: &[Route]) -> String {
     let mut s = haproxy_global();
     for r in routes {
@@ -308,5 +345,16 @@ mod tests {
             "bind 0.0.0.0:8443 ssl crt /c/combined.pem ca-file /ca/bundle.pem verify required"
         ));
         assert!(s.contains("server app 127.0.0.1:80"));
+    }
+
+    #[test]
+    fn relay_configs_carry_no_tls() {
+        let c = relay_client(Ipv4Addr::new(10, 1, 2, 3), &[ROUTE]);
+        assert!(c.contains("bind 127.0.0.1:8080\n"));
+        assert!(c.contains("server http 10.1.2.3:8443\n"));
+        let s = relay_server(&[ROUTE]);
+        assert!(s.contains("bind 0.0.0.0:8443\n"));
+        assert!(s.contains("server app 127.0.0.1:80\n"));
+        assert!(!c.contains("ssl crt") && !s.contains("ssl crt"));
     }
 }
