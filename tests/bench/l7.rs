@@ -781,8 +781,10 @@ impl Scenario<L7Bench> for Saturation {
              on CPU {proxy}, the load generator and the upstream nginx on CPU {load}. \
              \"Requests per proxy CPU-second\" is requests completed ÷ the proxy's \
              `utime+stime` over the run (/proc/<pid>/stat): the requests per second one core \
-             of that proxy sustains, whichever side saturated first. RSS: peak `VmRSS` \
-             during the run.",
+             of that proxy sustains, whichever side saturated first. The CPU splits into \
+             `utime` (the proxy's code) and `stime` (the kernel's socket work for it, \
+             including the receive path of every packet it sends over the veth pair). RSS: \
+             peak `VmRSS` during the run.",
             load = self.s.load_cpu,
             proxy = self.s.proxy_cpu,
         )
@@ -800,6 +802,20 @@ impl Scenario<L7Bench> for Saturation {
             metric(
                 "cpu_ms_per_1k",
                 "proxy CPU per 1,000 requests",
+                "CPU ms",
+                Better::Lower,
+                1,
+            ),
+            metric(
+                "user_ms_per_1k",
+                "… of which user space (the proxy's own code)",
+                "CPU ms",
+                Better::Lower,
+                1,
+            ),
+            metric(
+                "sys_ms_per_1k",
+                "… of which kernel (socket I/O, on behalf of the proxy)",
                 "CPU ms",
                 Better::Lower,
                 1,
@@ -828,7 +844,7 @@ impl Scenario<L7Bench> for Saturation {
             self.body.path()
         );
         let pid = bench.proxy_pid(kind);
-        let cpu_before = pid.map(procfs::cpu_seconds).transpose()?;
+        let cpu_before = pid.map(procfs::cpu_split).transpose()?;
         let rss = RssSampler::start(pid);
         let timeout = Duration::from_secs(self.s.secs) + SLACK;
         let mut s = Sample::default();
@@ -875,13 +891,18 @@ impl Scenario<L7Bench> for Saturation {
             }
         };
         let peak = rss.finish();
-        if let (Some(pid), Some(before)) = (pid, cpu_before) {
-            let cpu = procfs::cpu_seconds(pid)? - before;
+        if let (Some(pid), Some((user_before, sys_before))) = (pid, cpu_before) {
+            let (user_after, sys_after) = procfs::cpu_split(pid)?;
+            let (user, system) = (user_after - user_before, sys_after - sys_before);
+            let cpu = user + system;
             ensure!(requests > 0.0, "no request completed");
             if cpu > 0.0 {
                 s.set("rps_per_core", requests / cpu);
             }
-            s.set("cpu_ms_per_1k", cpu * 1e3 / requests * 1000.0);
+            let per_1k_ms = |secs: f64| secs * 1e3 / requests * 1000.0;
+            s.set("cpu_ms_per_1k", per_1k_ms(cpu));
+            s.set("user_ms_per_1k", per_1k_ms(user));
+            s.set("sys_ms_per_1k", per_1k_ms(system));
         }
         if let Some(mb) = peak {
             s.set("rss_mb", mb);

@@ -22,11 +22,18 @@ fn ticks_per_sec() -> f64 {
 
 /// User plus system CPU seconds `pid` has used so far.
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let (user, system) = cpu_split(pid)?;
+    Ok(user + system)
+}
+
+/// (user, system) CPU seconds `pid` has used so far: where a proxy's cost per request sits,
+/// in its own code or in the kernel's socket work.
+pub fn cpu_split(pid: u32) -> Result<(f64, f64)> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_cpu_ticks(&stat)
-        .map(|ticks| ticks as f64 / ticks_per_sec())
-        .with_context(|| format!("parsing {path}"))
+    let (user, system) = parse_cpu_ticks(&stat).with_context(|| format!("parsing {path}"))?;
+    let hz = ticks_per_sec();
+    Ok((user as f64 / hz, system as f64 / hz))
 }
 
 /// Sum of [`cpu_seconds`] over `pids`.
@@ -34,9 +41,9 @@ pub fn cpu_seconds_all(pids: &[u32]) -> Result<f64> {
     pids.iter().map(|&p| cpu_seconds(p)).sum()
 }
 
-/// `utime + stime` from the text of `/proc/<pid>/stat`. The command name (field 2) may
+/// (`utime`, `stime`) from the text of `/proc/<pid>/stat`. The command name (field 2) may
 /// contain spaces and parentheses, so fields are counted after the last `)`.
-fn parse_cpu_ticks(stat: &str) -> Result<u64> {
+fn parse_cpu_ticks(stat: &str) -> Result<(u64, u64)> {
     let (_, rest) = stat.rsplit_once(')').context("no ')' in stat")?;
     // After ')': field 3 (state) is index 0, so utime (field 14) is index 11.
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -47,7 +54,7 @@ fn parse_cpu_ticks(stat: &str) -> Result<u64> {
             .parse::<u64>()
             .context("not a number")
     };
-    Ok(field(11)? + field(12)?)
+    Ok((field(11)?, field(12)?))
 }
 
 /// Resident set size of `pid` in bytes.
@@ -70,7 +77,7 @@ mod tests {
     #[test]
     fn parses_stat_with_awkward_comm() {
         let stat = "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 1 2 3";
-        assert_eq!(parse_cpu_ticks(stat).expect("parses"), 325);
+        assert_eq!(parse_cpu_ticks(stat).expect("parses"), (250, 75));
     }
 
     #[test]
