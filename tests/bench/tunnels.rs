@@ -102,11 +102,7 @@ impl Pair {
                 haproxy_server(server, routes),
                 "cfg",
             ),
-            Kind::Relay => (
-                relay_client(server_ip, routes),
-                relay_server(routes),
-                "cfg",
-            ),
+            Kind::Relay => (relay_client(server_ip, routes), relay_server(routes), "cfg"),
             other => bail!("{} is not a TLS tunnel pair", other.name()),
         };
         let client_conf = dir.join(format!("client.{ext}"));
