@@ -188,7 +188,18 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         },
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // On one core (a CPU limit of 1, or an affinity of one CPU) the current-thread scheduler
+    // serves better than a one-worker multi-thread one: it runs woken tasks in turn, so an
+    // HTTP/2 connection's task runs after all the streams that queued frames on it and
+    // writes them in one go, where the multi-thread scheduler's LIFO slot runs it right
+    // after the first stream and writes once per frame.
+    let one_core = std::thread::available_parallelism().map_or(true, |n| n.get() == 1);
+    let mut builder = if one_core {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = builder
         .enable_all()
         .thread_name("waypoint")
         .build()

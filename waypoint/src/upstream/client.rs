@@ -35,6 +35,11 @@ const H2_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// Pings keep idle HTTP/2 connections honest; a peer that stops answering is dropped.
 const H2_KEEPALIVE: Duration = Duration::from_secs(30);
 const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reads on an endpoint's shared HTTP/2 connection go through a buffer this large: h2's
+/// codec reads into 8 KiB, so each 16 KiB DATA frame took two or three `recvfrom` calls and
+/// reached the downstream connection in pieces, each written out on its own. There is one
+/// such connection per endpoint, so the memory is small.
+const H2_READ_BUFFER: usize = 64 * 1024;
 /// How long a finished HTTP/1 exchange may take to leave the connection reusable.
 const H1_RETURN_WAIT: Duration = Duration::from_secs(1);
 
@@ -248,7 +253,7 @@ impl Clients {
                 Some(s) if !s.is_closed() => s.clone(),
                 _ => {
                     slot.sender = None;
-                    let io = connect().await?;
+                    let io = tokio::io::BufReader::with_capacity(H2_READ_BUFFER, connect().await?);
                     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                         .timer(TokioTimer::new())
                         .initial_stream_window_size(H2_STREAM_WINDOW)
