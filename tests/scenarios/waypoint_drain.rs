@@ -201,14 +201,18 @@ impl World {
         Ok((took, served))
     }
 
-    /// Access-log lines of every replica (all runs so far).
-    fn access_lines(&self) -> Vec<Value> {
+    /// Access-log lines of every replica (all runs so far) for `destination` with `status`.
+    fn access_count_for(&self, destination: &str, status: u64) -> usize {
         self.waypoints
             .iter()
             .flat_map(|p| p.log().lines())
             .filter_map(|l| l.json)
             .filter(|v| v.get("target").and_then(Value::as_str) == Some("access"))
-            .collect()
+            .filter(|v| field_str(v, "destination") == destination)
+            .filter(|v| {
+                harness::ztunnel::field(v, "status").and_then(Value::as_u64) == Some(status)
+            })
+            .count()
     }
 }
 
@@ -263,12 +267,7 @@ fn websocket_echoes_ten_thousand_messages() -> Result<()> {
     ensure!(u(&v, "echoed") == 10_000, "echoes: {v}");
     ensure!(u(&v, "mismatched") == 0, "mismatches: {v}");
     // The handshake went through a replica, which logged the switch.
-    let upgrades = w
-        .access_lines()
-        .into_iter()
-        .filter(|l| field_str(l, "destination") == "shop/ws")
-        .filter(|l| harness::ztunnel::field(l, "status").and_then(Value::as_u64) == Some(101))
-        .count();
+    let upgrades = w.access_count_for("shop/ws", 101);
     ensure!(
         upgrades == 1,
         "want one 101 in the waypoints' access logs, got {upgrades}"
@@ -326,12 +325,7 @@ fn websocket_over_http2_extended_connect() -> Result<()> {
     ensure!(u(&v, "echoed") == 1000, "echoes: {v}");
     ensure!(u(&v, "mismatched") == 0, "mismatches: {v}");
     // The waypoint answered the extended CONNECT with 200 after the backend's 101.
-    let opened = w
-        .access_lines()
-        .into_iter()
-        .filter(|l| field_str(l, "destination") == "shop/ws")
-        .filter(|l| harness::ztunnel::field(l, "status").and_then(Value::as_u64) == Some(200))
-        .count();
+    let opened = w.access_count_for("shop/ws", 200);
     ensure!(
         opened == 1,
         "want one extended CONNECT in the access log, got {opened}"

@@ -32,6 +32,7 @@ use ambit_shared::hbone::server::{self, Incoming};
 use ambit_shared::identity::Identity;
 use ambit_shared::ports;
 use ambit_shared::tls;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -390,7 +391,6 @@ async fn tunnel(
             return;
         }
     };
-    let declared = target.declared_protocol();
     let down = Arc::new(Downstream {
         ctx: ctx.clone(),
         target,
@@ -399,13 +399,22 @@ async fn tunnel(
         peer,
         dialled,
     });
-    if declared == DeclaredProtocol::Tcp {
-        return tcp::forward(detect::Rewind::new(bytes::Bytes::new(), stream), down).await;
+    serve_stream(stream, down, drain).await;
+}
+
+/// Serves one accepted byte stream (an HBONE tunnel, or a plaintext connection) for
+/// `down`: as TCP when the service declares it, otherwise as what its first bytes show.
+async fn serve_stream<IO>(io: IO, down: Arc<Downstream>, drain: DrainWatcher)
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    if down.target.declared_protocol() == DeclaredProtocol::Tcp {
+        return tcp::forward(detect::Rewind::new(bytes::Bytes::new(), io), down).await;
     }
-    let (detected, io) = match detect::detect(stream, ctx.cfg.detect_timeout).await {
+    let (detected, io) = match detect::detect(io, down.ctx.cfg.detect_timeout).await {
         Ok(d) => d,
         Err(e) => {
-            debug!(error = %e, "tunnel failed before its protocol was known");
+            debug!(error = %e, "stream failed before its protocol was known");
             return;
         }
     };

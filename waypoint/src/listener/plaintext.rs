@@ -13,12 +13,10 @@ use std::sync::Arc;
 
 use ambit_shared::drain::DrainWatcher;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
-use super::detect::{self, Detected};
-use super::{Context, Downstream, http, resolve, tcp};
+use super::{Context, Downstream, resolve, serve_stream};
 use crate::metrics::Source;
-use crate::route::DeclaredProtocol;
 
 /// Where the plaintext listener listens and what its connections dial.
 #[derive(Debug, Clone, Copy)]
@@ -110,7 +108,6 @@ async fn connection(
         }
     };
     let source = Source::new(&snap, Some(peer.ip()), &principal, None);
-    let declared = target.declared_protocol();
     let down = Arc::new(Downstream {
         ctx: ctx.clone(),
         target,
@@ -119,21 +116,7 @@ async fn connection(
         peer,
         dialled,
     });
-    if declared == DeclaredProtocol::Tcp {
-        return tcp::forward(detect::Rewind::new(bytes::Bytes::new(), tcp), down).await;
-    }
-    let (detected, io) = match detect::detect(tcp, ctx.cfg.detect_timeout).await {
-        Ok(d) => d,
-        Err(e) => {
-            debug!(error = %e, "connection failed before its protocol was known");
-            return;
-        }
-    };
-    match detected {
-        Detected::Http1 => http::serve_http1(io, down, drain).await,
-        Detected::Http2 => http::serve_http2(io, down, drain).await,
-        Detected::Tcp => tcp::forward(io, down).await,
-    }
+    serve_stream(tcp, down, drain).await;
 }
 
 #[cfg(test)]
