@@ -20,11 +20,13 @@ use ambit_shared::config::{
 };
 use ambit_shared::identity::Identity;
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
+use crate::capture::netns::Presence;
 use crate::capture::{self, Netns, PodListeners};
 use crate::cni;
 use crate::dns::DnsProxy;
+use crate::metrics::CaptureMetrics;
 use crate::proxy::{self, Pod, ProxyContext};
 use ambit_shared::certs::CertManager;
 
@@ -52,6 +54,7 @@ pub struct Enroller {
     certs: CertManager,
     ctx: Arc<ProxyContext>,
     dns: Arc<DnsProxy>,
+    metrics: CaptureMetrics,
     running: HashMap<IpAddr, RunningPod>,
     /// Pods held closed by the CNI hook until the config says what they are, by netns cookie.
     holds: HashMap<u64, Hold>,
@@ -75,6 +78,7 @@ impl Enroller {
         certs: CertManager,
         ctx: Arc<ProxyContext>,
         dns: Arc<DnsProxy>,
+        metrics: CaptureMetrics,
     ) -> Self {
         Enroller {
             node,
@@ -83,6 +87,7 @@ impl Enroller {
             certs,
             ctx,
             dns,
+            metrics,
             running: HashMap::new(),
             holds: HashMap::new(),
         }
@@ -97,6 +102,7 @@ impl Enroller {
     }
 
     async fn reconcile_pods(&mut self, config: &Config) -> Outcome {
+        let mut unusable = HashSet::new();
         let desired: HashMap<IpAddr, (&Workload, Identity)> = config
             .workloads
             .iter()
@@ -105,7 +111,8 @@ impl Enroller {
             .filter_map(|w| match config.identity_of(w) {
                 Ok(id) => Some((w, id)),
                 Err(e) => {
-                    warn!(workload = %format!("{}/{}", w.namespace, w.name), error = %e, "skipping workload");
+                    warn!(workload = %format!("{}/{}", w.namespace, w.name), error = %e, "cannot enroll workload; a running pod keeps its capture");
+                    unusable.insert((w.namespace.as_str(), w.name.as_str()));
                     None
                 }
             })
@@ -114,20 +121,39 @@ impl Enroller {
             })
             .collect();
 
-        // Leave: pods gone from the config, opted out, or whose identity changed.
+        // Leave: pods the config no longer enrolls here. A running pod whose workload is
+        // still listed but unusable right now (its identity cannot be derived) is not one of
+        // them: an error never turns capture off.
         let leaving: Vec<IpAddr> = self
             .running
             .iter()
             .filter(|(ip, r)| {
-                desired
-                    .get(ip)
-                    .is_none_or(|(w, id)| *id != r.pod.identity || w.name != r.pod.name)
+                !desired.contains_key(ip)
+                    && !unusable.contains(&(r.pod.namespace.as_str(), r.pod.name.as_str()))
             })
             .map(|(ip, _)| *ip)
             .collect();
         for ip in leaving {
             if let Some(r) = self.running.remove(&ip) {
                 self.unenroll(ip, Some(&r.pod.netns), &r.pod.workload());
+            }
+        }
+        // Re-enroll in place: pods whose identity or name changed. Dropping the running pod
+        // closes its listeners but keeps its eBPF state, so until the new enrollment below
+        // replaces it the pod's connections are refused, never sent uncaptured.
+        let changed: Vec<IpAddr> = self
+            .running
+            .iter()
+            .filter(|(ip, r)| {
+                desired
+                    .get(ip)
+                    .is_some_and(|(w, id)| *id != r.pod.identity || w.name != r.pod.name)
+            })
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in changed {
+            if let Some(r) = self.running.remove(&ip) {
+                info!(pod = %r.pod.workload(), %ip, "pod identity changed; re-enrolling");
             }
         }
         // State pinned by an earlier ztunnel for pods that are no longer ours.
@@ -138,12 +164,13 @@ impl Enroller {
                     .filter(|ip| !desired.contains_key(ip) && !self.running.contains_key(ip))
                     .collect();
                 if !stale.is_empty() {
-                    let found = capture::netns::find_by_ip(
+                    let scan = capture::netns::find_by_ip(
                         &self.netns_dir,
                         &stale.iter().copied().collect(),
                     );
+                    self.count_lookup_errors(&scan);
                     for ip in stale {
-                        self.unenroll(ip, found.get(&ip), "(stale pinned state)");
+                        self.unenroll(ip, scan.found.get(&ip), "(stale pinned state)");
                     }
                 }
             }
@@ -161,7 +188,9 @@ impl Enroller {
                 .retain(|id| self.running.values().any(|r| &r.pod.identity == id));
             return Outcome::default();
         }
-        let mut found = capture::netns::find_by_ip(&self.netns_dir, &missing);
+        let scan = capture::netns::find_by_ip(&self.netns_dir, &missing);
+        self.count_lookup_errors(&scan);
+        let mut found = scan.found;
         let mut pending = 0;
         for ip in missing {
             let Some(netns) = found.remove(&ip) else {
@@ -171,13 +200,22 @@ impl Enroller {
             let Some((w, id)) = desired.get(&ip) else {
                 continue;
             };
+            // Kept for the hold below: `enroll` consumes its handle.
+            let held = netns.try_clone();
             match self.enroll(ip, netns, w, id.clone()).await {
                 Ok(r) => {
                     self.running.insert(ip, r);
                 }
                 Err(e) => {
-                    warn!(pod = %format!("{}/{}", w.namespace, w.name), %ip, error = %e, "enrolling pod failed; will retry");
+                    warn!(pod = %format!("{}/{}", w.namespace, w.name), %ip, error = %e, "enrolling pod failed; holding it closed and retrying");
                     pending += 1;
+                    match held {
+                        Ok(ns) => self.hold_failed(&ns, ip, w),
+                        Err(e) => {
+                            error!(pod = %format!("{}/{}", w.namespace, w.name), %ip, error = %e,
+                            "cannot hold the pod closed after a failed enrollment; retrying")
+                        }
+                    }
                 }
             }
         }
@@ -189,25 +227,89 @@ impl Enroller {
     /// Drops pods whose network namespace is gone or was replaced (a pod re-created with the
     /// same IP). Our own handle keeps an old namespace alive, so this is the only way to
     /// notice; the next [`Enroller::reconcile`] enrolls the new namespace.
+    ///
+    /// Only positive evidence un-enrolls: the path we found the pod by names another
+    /// namespace or nothing, *and* its address is in another namespace or a complete scan
+    /// found it nowhere. A lookup that fails (out of file descriptors, say) keeps the pod
+    /// enrolled, is counted, and is tried again at the next check.
     pub fn drop_replaced_pods(&mut self) {
-        if self.running.is_empty() {
+        // The cheap check first: it needs no file descriptor.
+        let checks: HashMap<IpAddr, std::io::Result<bool>> = self
+            .running
+            .iter()
+            .map(|(ip, r)| (*ip, capture::netns::path_still_names(&r.pod.netns)))
+            .collect();
+        let uncertain: HashSet<IpAddr> = checks
+            .iter()
+            .filter(|(_, check)| !matches!(check, Ok(true)))
+            .map(|(ip, _)| *ip)
+            .collect();
+        if uncertain.is_empty() {
             return;
         }
-        let ips: HashSet<IpAddr> = self.running.keys().copied().collect();
-        let found = capture::netns::find_by_ip(&self.netns_dir, &ips);
-        for ip in ips {
-            let Some(running) = self.running.get(&ip) else {
+        let scan = capture::netns::find_by_ip(&self.netns_dir, &uncertain);
+        self.count_lookup_errors(&scan);
+        for ip in uncertain {
+            let (Some(running), Some(check)) = (self.running.get(&ip), checks.get(&ip)) else {
                 continue;
             };
-            if found
-                .get(&ip)
-                .is_some_and(|ns| ns.inode() == running.pod.netns.inode())
-            {
-                continue;
+            match capture::netns::presence(&running.pod.netns, ip, check, &scan) {
+                Presence::Present => {}
+                Presence::Unknown { reason } => {
+                    warn!(pod = %running.pod.workload(), %ip, %reason,
+                        "cannot tell whether the pod's network namespace still exists; keeping it enrolled");
+                }
+                gone_or_replaced => {
+                    warn!(pod = %running.pod.workload(), %ip, presence = ?gone_or_replaced,
+                        "pod network namespace is gone or was replaced");
+                    if let Some(r) = self.running.remove(&ip) {
+                        self.unenroll(ip, Some(&r.pod.netns), &r.pod.workload());
+                    }
+                }
             }
-            warn!(pod = %running.pod.workload(), %ip, "pod network namespace is gone or was replaced");
-            if let Some(r) = self.running.remove(&ip) {
-                self.unenroll(ip, Some(&r.pod.netns), &r.pod.workload());
+        }
+    }
+
+    fn count_lookup_errors(&self, scan: &capture::netns::Scan) {
+        if !scan.errors.is_empty() {
+            self.metrics
+                .netns_lookup_errors
+                .inc_by(scan.errors.len() as u64);
+            debug!(errors = scan.errors.len(), first = %scan.errors[0], "netns lookup incomplete");
+        }
+    }
+
+    /// After a failed enrollment, holds the pod's netns closed (as the CNI hook does) so
+    /// that its connections are refused rather than sent uncaptured until a retry succeeds.
+    fn hold_failed(&mut self, netns: &Netns, ip: IpAddr, w: &Workload) {
+        let pod = format!("{}/{}", w.namespace, w.name);
+        let cookie = match netns_cookie_of(netns) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(%pod, %ip, error = %e, "cannot hold the pod closed after a failed enrollment (netns cookie); retrying");
+                return;
+            }
+        };
+        match self.capture.hold(cookie, ip) {
+            Ok(true) => {
+                let now = Instant::now();
+                self.holds.insert(
+                    cookie,
+                    Hold {
+                        ip,
+                        namespace: w.namespace.clone(),
+                        name: w.name.clone(),
+                        container_id: String::new(),
+                        netns: Some((netns.path().to_path_buf(), netns.inode())),
+                        since: now,
+                        warned: now,
+                    },
+                );
+            }
+            // Already enrolled or held: its capture stays as it is.
+            Ok(false) => {}
+            Err(e) => {
+                error!(%pod, %ip, error = %e, "cannot hold the pod closed after a failed enrollment; retrying")
             }
         }
     }
@@ -493,8 +595,13 @@ impl Enroller {
                 release.push((*cookie, "the namespace is no longer ambient"));
                 continue;
             }
+            // Positive evidence only: the path names nothing or another namespace. A failed
+            // check (any other error) keeps the hold.
             if let Some((path, inode)) = &h.netns
-                && std::fs::metadata(path).map(|m| m.ino()).ok() != Some(*inode)
+                && match std::fs::metadata(path) {
+                    Ok(meta) => meta.ino() != *inode,
+                    Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+                }
             {
                 release.push((*cookie, "the pod's netns is gone"));
                 continue;
