@@ -169,7 +169,7 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
                 let _ = reply.send(enroller.cni(&req, &config));
                 continue;
             }
-            _ = netns_check.tick() => enroller.drop_replaced_pods(),
+            _ = netns_check.tick() => enroller.drop_replaced_pods().await,
             changed = rx.changed() => {
                 if changed.is_err() { break; }
             }
