@@ -43,16 +43,22 @@ pub mod telemetry;
 pub mod tls;
 pub mod trace;
 
-/// Well-known ports, the same as Istio's so operators feel at home.
+/// The capture contract (ports, marks, routing table, delivery addresses), re-exported so
+/// crates above `shared` take it from one place.
+pub use ambit_capture_contract as capture_contract;
+
+/// Well-known ports, the same as Istio's so operators feel at home. The ones the capture
+/// programs know are the capture contract's ([`ambit_capture_contract`]), re-exported here so
+/// there is one source for each.
 pub mod ports {
     /// Outbound capture listener inside each enrolled pod.
-    pub const OUTBOUND: u16 = 15001;
+    pub const OUTBOUND: u16 = ambit_capture_contract::OUTBOUND_PORT;
     /// Inbound plaintext capture listener inside each enrolled pod.
-    pub const INBOUND_PLAINTEXT: u16 = 15006;
+    pub const INBOUND_PLAINTEXT: u16 = ambit_capture_contract::INBOUND_PORT;
     /// HBONE (HTTP/2 CONNECT over mutual TLS).
-    pub const HBONE: u16 = 15008;
+    pub const HBONE: u16 = ambit_capture_contract::HBONE_PORT;
     /// DNS proxy.
-    pub const DNS: u16 = 15053;
+    pub const DNS: u16 = ambit_capture_contract::DNS_PROXY_PORT;
     /// Readiness.
     pub const READINESS: u16 = 15021;
     /// Prometheus metrics.

@@ -387,6 +387,28 @@ impl Enroller {
         if addrs.v4().is_empty() && addrs.v6().is_empty() {
             anyhow::bail!("the pod has no address in its network namespace yet");
         }
+        // An address another running pod is served on: the kernel programs would move it
+        // (and that pod's capture with it) to this one. Two live pods cannot both have it, so
+        // one of them is not what the config says; this one waits, held closed.
+        let ours: Vec<IpAddr> = addrs
+            .all()
+            .into_iter()
+            .filter(|a| !capture::addrs::is_link_local(*a))
+            .collect();
+        if let Some((other, ip)) = self.running.values().find_map(|r| {
+            let ip = ours.iter().find(|a| r.pod.has_addr(**a))?;
+            (r.pod.netns.inode() != netns.inode()).then(|| (r.pod.workload(), *ip))
+        }) {
+            anyhow::bail!("address {ip} is already served for running pod {other}");
+        }
+        // A family the pod has no routable address in is refused, not left uncaptured.
+        if addrs.primary_v4().is_none() {
+            info!(pod = %workload, "the pod has no IPv4 address: its IPv4 connections are refused");
+        }
+        if addrs.ipv6_on() && addrs.primary_v6().is_none() {
+            info!(pod = %workload, link_local = ?addrs.v6(),
+                "the pod has no routable IPv6 address: its IPv6 connections are refused (link-local always is)");
+        }
         let listeners = capture::open_listeners(&netns, &addrs)?;
         let dns = capture::dns::open_listeners(&netns, &addrs)?;
         let sources = Sources {
