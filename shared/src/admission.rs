@@ -853,5 +853,8 @@ mod libc_errno {
     pub const ECONNABORTED: i32 = Errno::ECONNABORTED as i32;
 }
 
+#[cfg(feature = "cli")]
+pub mod flags;
+
 #[cfg(test)]
 mod tests;

@@ -22,7 +22,8 @@
 //! - [`admin`]: the HTTP plumbing of the metrics, readiness and admin endpoints.
 //! - [`logging`]: stderr logging, text or JSON, with a run-time filter handle.
 //!
-//! Feature flags: `testing` exposes helpers for tests.
+//! Feature flags: `testing` exposes helpers for tests; `cli` the command-line flags both
+//! binaries share ([`admission::flags`]); `kubernetes` the Kubernetes config source.
 #![deny(missing_docs)]
 
 pub mod admin;

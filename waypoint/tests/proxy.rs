@@ -250,6 +250,7 @@ async fn harness() -> Harness {
         pool: Default::default(),
         upstream: Default::default(),
         listener: Default::default(),
+        admission: Default::default(),
     })
     .await
     .expect("waypoint starts");

@@ -254,24 +254,21 @@ impl Enroller {
         let ctx = self.ctx.clone();
         let (p1, p2, p3) = (pod.clone(), pod.clone(), pod.clone());
         let ctx3 = self.ctx.clone();
+        let gates = &self.ctx.gates;
         let tasks = vec![
-            tokio::spawn(self.dns.clone().serve(dns, pod.clone())),
+            tokio::spawn(self.dns.clone().serve(dns, pod.clone(), gates.dns.clone())),
             tokio::spawn(proxy::accept_loop(
-                outbound,
-                "outbound",
-                pod.clone(),
+                gates.outbound.listener(outbound),
                 move |s, peer| proxy::outbound::handle(s, peer, p1.clone(), ctx.clone()),
             )),
             tokio::spawn({
                 let ctx = self.ctx.clone();
-                proxy::accept_loop(hbone, "hbone", pod.clone(), move |s, peer| {
+                proxy::accept_loop(gates.hbone.listener(hbone), move |s, peer| {
                     proxy::inbound::handle(s, peer, acceptor.clone(), p2.clone(), ctx.clone())
                 })
             }),
             tokio::spawn(proxy::accept_loop(
-                inbound_plaintext,
-                "inbound_plaintext",
-                pod.clone(),
+                gates.inbound_plaintext.listener(inbound_plaintext),
                 move |s, peer| proxy::inbound_plaintext::handle(s, peer, p3.clone(), ctx3.clone()),
             )),
         ];

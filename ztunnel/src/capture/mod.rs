@@ -18,6 +18,7 @@ use std::os::fd::AsRawFd;
 use std::process::Command;
 
 use ambit_ebpf::{CAPTURE_MARK, ZTUNNEL_MARK};
+use ambit_shared::admission::FdBudget;
 use ambit_shared::ports;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -129,14 +130,20 @@ fn listen_in(ns: &Netns, addr: SocketAddr, transparent: bool) -> Result<TcpListe
 }
 
 /// Opens a TCP connection from inside the pod's namespace, marked so it is never captured.
+///
+/// Fails without connecting when the socket would sit in the descriptor reserve (`fds`):
+/// the last descriptors are for ztunnel's own work (opening a pod's namespace, reading the
+/// config), which must never fail because peers made us open too many connections.
 pub async fn connect_in(
     ns: &Netns,
     dst: SocketAddr,
     bind: Option<SocketAddr>,
+    fds: &FdBudget,
 ) -> io::Result<TcpStream> {
     let socket = ns
         .run(|| -> io::Result<Socket> {
             let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+            fds.check_opened(&s)?;
             s.set_mark(ZTUNNEL_MARK)?;
             s.set_nonblocking(true)?;
             s.set_tcp_nodelay(true)?;

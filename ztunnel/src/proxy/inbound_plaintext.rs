@@ -34,6 +34,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
             &pod.netns,
             dst,
             Some(SocketAddr::new(DELIVERY_ADDR.into(), 0)),
+            &ctx.admission.fds(),
         )
         .await
         {
