@@ -599,6 +599,10 @@ pub enum HandshakeError {
     /// The client did not finish its handshake in time.
     #[error("no TLS handshake within {0:?}")]
     Timeout(Duration),
+    /// The client closed the connection before finishing its handshake (what a flood's
+    /// connections do when the flood ends: not worth a warning each).
+    #[error("the client closed the connection before its TLS handshake")]
+    Closed,
     /// The handshake failed (bad certificate, wrong protocol, the peer went away).
     #[error("{}", crate::tls::describe_handshake_error(.0))]
     Tls(#[source] std::io::Error),
@@ -628,6 +632,9 @@ impl Admission {
         drop(permit);
         match result {
             Ok(Ok(tls)) => Ok(tls),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(HandshakeError::Closed)
+            }
             Ok(Err(e)) => Err(HandshakeError::Tls(e)),
             Err(_) => {
                 self.count_timeout(listener, "handshake");

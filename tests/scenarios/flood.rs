@@ -273,3 +273,279 @@ fn ztunnel_flood_fails_closed() -> Result<()> {
     ensure!(shed > 0, "admission control shed nothing:\n{page}");
     Ok(())
 }
+
+/// Fields drop in declaration order: processes first, the cluster last.
+struct WaypointLab {
+    _apps: Vec<Proc>,
+    waypoint: Proc,
+    _zt: (Ztunnel, Ztunnel),
+    good: Pod,
+    heads: Vec<Pod>,
+    attacker: Pod,
+    wp: Pod,
+    vips: [String; 2],
+    _nodes: (Node, Node),
+    cluster: Cluster,
+}
+
+/// A service of namespace `shop` on port 80 that uses the waypoint.
+fn service_yaml(name: &str, vip: &str) -> String {
+    format!(
+        "- {{ name: {name}, namespace: shop, vips: [{vip}], ports: [{{ name: http, port: 80, targetPort: 8080 }}], \
+         selector: {{ app: web }}, labels: {{ ambit.dev/use-waypoint: waypoint }} }}\n"
+    )
+}
+
+fn set_services(cluster: &Cluster, yaml: &str) -> Result<()> {
+    cluster.edit_config(|c| -> Result<()> {
+        c.services = serde_yaml_ng::from_str(yaml).context("services YAML")?;
+        Ok(())
+    })?;
+    cluster.write_config()?;
+    Ok(())
+}
+
+fn waypoint_lab() -> Result<WaypointLab> {
+    let cluster = Cluster::new()?;
+    let a = cluster.add_node("a")?;
+    let b = cluster.add_node("b")?;
+    let web = cluster.add_pod(
+        &a,
+        PodSpec::new("web-1")
+            .namespace("shop")
+            .service_account("web")
+            .label("app", "web"),
+    )?;
+    let wp = cluster.add_pod(
+        &a,
+        PodSpec::new("waypoint")
+            .namespace("shop")
+            .service_account("waypoint")
+            .label("gateway.networking.k8s.io/gateway-name", "waypoint")
+            .label("ambit.dev/dataplane-mode", "none"),
+    )?;
+    let good = cluster.add_pod(
+        &b,
+        PodSpec::new("good")
+            .namespace("shop")
+            .service_account("good"),
+    )?;
+    let mut heads = Vec::new();
+    for i in 0..5 {
+        heads.push(
+            cluster.add_pod(
+                &b,
+                PodSpec::new(format!("slow-{i}"))
+                    .namespace("shop")
+                    .service_account("slow"),
+            )?,
+        );
+    }
+    let attacker = cluster.add_pod(&b, PodSpec::new("attacker").namespace("legacy"))?;
+    cluster.enroll_namespace("shop")?;
+    cluster.add_namespace("legacy", Default::default())?;
+    let s = cluster.slot();
+    let vips = [format!("10.{s}.250.10"), format!("10.{s}.250.11")];
+    cluster.edit_config(|c| -> Result<()> {
+        c.extra.insert(
+            "waypoints".into(),
+            serde_yaml_ng::from_str(
+                "[{ name: waypoint, namespace: shop, serviceAccount: waypoint }]",
+            )
+            .context("waypoints YAML")?,
+        );
+        Ok(())
+    })?;
+    set_services(&cluster, &service_yaml("web", &vips[0]))?;
+    cluster.init_ca(TRUST_DOMAIN)?;
+    cluster.write_config()?;
+    let apps = vec![web.spawn_testapp(&["http", "--listen", "0.0.0.0:8080", "--name", "web-1"])?];
+    let zt_a = a.start_ztunnel(&ZtunnelOpts::default())?;
+    let zt_b = b.start_ztunnel(&ZtunnelOpts::default())?;
+    zt_a.wait_ready(LONG)?;
+    zt_b.wait_ready(LONG)?;
+    let mut cmd = wp.command(harness::bin_path("waypoint")?);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(cluster.config_path())
+        .args(["--name", "waypoint", "--namespace", "shop"])
+        .arg("--ca-dir")
+        .arg(cluster.ca_dir())
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    let waypoint = wp.spawn(&mut cmd)?;
+    waypoint
+        .log()
+        .wait_for(0, LONG, |l| {
+            l.json.as_ref().and_then(message) == Some("waypoint ready")
+        })
+        .with_context(|| format!("waypoint did not start:\n{}", waypoint.log().tail(30)))?;
+    Ok(WaypointLab {
+        _apps: apps,
+        waypoint,
+        _zt: (zt_a, zt_b),
+        good,
+        heads,
+        attacker,
+        wp,
+        vips,
+        _nodes: (a, b),
+        cluster,
+    })
+}
+
+/// `n` requests from the good client to `vip:80` through the waypoint; the number answered
+/// 200.
+fn through_waypoint(lab: &WaypointLab, vip: &str, n: usize) -> Result<u64> {
+    let v = lab.good.run_testapp(
+        &[
+            "http-load",
+            "--to",
+            &format!("{vip}:80"),
+            "--requests",
+            &n.to_string(),
+            "--timeout-secs",
+            "20",
+        ],
+        Duration::from_secs(30),
+    )?;
+    Ok(v["statuses"]["200"].as_u64().unwrap_or(0))
+}
+
+#[test]
+fn waypoint_survives_idle_and_partial_head_floods() -> Result<()> {
+    harness::skip_or_fail!(Ok(()));
+    let lab = waypoint_lab()?;
+    ensure!(
+        through_waypoint(&lab, &lab.vips[0], 5)? == 5,
+        "good client failed before the flood"
+    );
+    let pid = lab.waypoint.pid();
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_kib = rss_kib(pid).context("waypoint RSS")?;
+
+    let hold_secs: u64 = 30;
+    // 5,000 partial HTTP/1 heads through the mesh, 1,000 from each of five pods; held for
+    // longer than the idle flood, so every one of them must be closed by the waypoint.
+    let service = format!("{}:80", lab.vips[0]);
+    let mut heads = Vec::new();
+    for pod in &lab.heads {
+        heads.push(pod.spawn(&mut pod.testapp_command(&[
+            "flood",
+            "--to",
+            &service,
+            "--conns",
+            "1000",
+            "--send",
+            "GET / HTTP/1.1\\r\\nHost: web\\r\\nX-Slow: ",
+            "--hold-secs",
+            &(hold_secs + 15).to_string(),
+            "--concurrency",
+            "100",
+        ])?)?);
+    }
+    // Let the heads' tunnels open before the idle flood takes the handshake slots.
+    std::thread::sleep(Duration::from_secs(3));
+    // 40,000 idle connections to 15008 from 40 addresses outside the mesh.
+    let sources = add_sources(&lab.cluster, &lab.attacker, 100, 40)?;
+    let target = format!("{}:15008", lab.wp.ip());
+    let mut idle = lab.attacker.spawn(&mut lab.attacker.testapp_command(&[
+        "flood",
+        "--to",
+        &target,
+        "--conns",
+        "40000",
+        "--sources",
+        &sources.join(","),
+        "--hold-secs",
+        &hold_secs.to_string(),
+        "--concurrency",
+        "512",
+    ])?)?;
+
+    let (mut good, mut good_ok) = (0u64, 0u64);
+    let mut peak_kib = idle_kib;
+    let mut reloaded = None;
+    let started = Instant::now();
+    // Bounded: at most 80 rounds, and only while the floods last.
+    for round in 0..80 {
+        if started.elapsed() >= Duration::from_secs(hold_secs) {
+            break;
+        }
+        good += 5;
+        good_ok += through_waypoint(&lab, &lab.vips[0], 5)?;
+        peak_kib = peak_kib.max(rss_kib(pid).context("waypoint died")?);
+        if round == 3 {
+            // A new service behind the waypoint: served only once the waypoint (and the
+            // client's ztunnel) re-read the config, in the middle of the floods.
+            let cursor = lab.waypoint.log().len();
+            set_services(
+                &lab.cluster,
+                &(service_yaml("web", &lab.vips[0]) + &service_yaml("web-two", &lab.vips[1])),
+            )?;
+            reloaded = Some(lab.waypoint.log().wait_for(cursor, LONG, |l| {
+                l.json.as_ref().and_then(message) == Some("config reloaded")
+            }));
+        }
+    }
+    let new_service_ok = through_waypoint(&lab, &lab.vips[1], 5)?;
+    let idle_report = flood_report(&mut idle, Duration::from_secs(90))?;
+    let mut head_reports = Vec::new();
+    for h in &mut heads {
+        head_reports.push(flood_report(h, Duration::from_secs(90))?);
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let after_kib = rss_kib(pid).context("waypoint died")?;
+    let sum = |key: &str| -> u64 {
+        head_reports
+            .iter()
+            .map(|r| r[key].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let (heads_connected, heads_closed) = (sum("connected"), sum("closed_by_peer"));
+    let ratio = good_ok as f64 / good.max(1) as f64;
+    let page = {
+        let url = format!("http://{}:15020/metrics", lab.wp.ip());
+        lab.attacker.run_ok(
+            lab.attacker.command("curl").args(["-sS", "-m", "10", &url]),
+            Duration::from_secs(15),
+        )?
+    };
+    eprintln!(
+        "waypoint floods: idle {idle_report}\n  partial heads: {heads_connected} connected, {heads_closed} closed by the waypoint; \
+         good requests {good_ok}/{good} ({:.1} %); RSS idle {idle_kib} KiB, peak {peak_kib} KiB, 5 s after {after_kib} KiB; \
+         shed {}, timeouts {}",
+        ratio * 100.0,
+        metric_sum(&page, "ambit_admission_shed_total"),
+        metric_sum(&page, "ambit_admission_timeouts_total"),
+    );
+    ensure!(
+        idle_report["attempted"].as_u64() == Some(40_000),
+        "the idle flood did not make its 40,000 connections: {idle_report}"
+    );
+    ensure!(
+        heads_connected >= 4_500,
+        "only {heads_connected} partial heads were sent"
+    );
+    ensure!(
+        heads_closed * 100 >= heads_connected * 99,
+        "the waypoint left partial heads open: {heads_closed} of {heads_connected} closed"
+    );
+    ensure!(
+        ratio >= 0.95,
+        "good clients served {good_ok}/{good} during the floods"
+    );
+    reloaded
+        .context("no config change was made during the floods")?
+        .context("the waypoint did not reload its config during the floods")?;
+    ensure!(
+        new_service_ok == 5,
+        "the service added during the floods is not served"
+    );
+    ensure!(
+        peak_kib <= idle_kib + 512 * 1024,
+        "waypoint grew from {idle_kib} KiB to {peak_kib} KiB"
+    );
+    Ok(())
+}

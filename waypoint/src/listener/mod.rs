@@ -340,7 +340,9 @@ async fn connection(
         Ok(tls) => tls,
         // Counted in the admission metrics; logging each would let a flood of idle
         // connections flood the log too.
-        Err(e @ (HandshakeError::Shed(_) | HandshakeError::Timeout(_))) => {
+        Err(
+            e @ (HandshakeError::Shed(_) | HandshakeError::Timeout(_) | HandshakeError::Closed),
+        ) => {
             debug!(error = %e, "HBONE connection closed before its handshake");
             return;
         }

@@ -49,7 +49,9 @@ pub async fn handle(
             Ok(tls) => tls,
             // Shed and timed-out connections are counted in the admission metrics; logging
             // each would let a flood of idle connections flood the log too.
-            Err(e @ (HandshakeError::Shed(_) | HandshakeError::Timeout(_))) => {
+            Err(
+                e @ (HandshakeError::Shed(_) | HandshakeError::Timeout(_) | HandshakeError::Closed),
+            ) => {
                 debug!(error = %e, "HBONE connection closed before its handshake");
                 return;
             }
