@@ -773,9 +773,11 @@ impl Listener {
     pub async fn accept(&mut self) -> Accepted {
         loop {
             let (stream, peer) = match self.listener.accept().await {
-                Ok(accepted) => {
+                Ok((stream, peer)) => {
                     self.backoff = MIN_ACCEPT_BACKOFF;
-                    accepted
+                    // A dual-stack listener shows IPv4 peers as v4-mapped IPv6; bounds,
+                    // policy and logs must see them as the IPv4 addresses they are.
+                    (stream, crate::listen::canonical(peer))
                 }
                 Err(e) => {
                     self.gate.accept_error(&e);

@@ -23,7 +23,7 @@ use tracing::info;
 use crate::admin::{self, Readiness};
 use crate::dns::{DnsProxy, DnsSettings};
 use crate::enroll::Enroller;
-use crate::metrics::{self, CertMetrics, ConfigReloads, Traffic};
+use crate::metrics::{self, CaptureMetrics, CertMetrics, ConfigReloads, Traffic};
 use crate::proxy::{Gates, ProxyContext};
 
 /// How often pods whose namespace was not found yet are looked for again.
@@ -86,6 +86,7 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
     let ambit = registry.sub_registry_with_prefix("ambit");
     let reloads = ConfigReloads::new(ambit);
     let cert_metrics = CertMetrics::new(ambit);
+    let capture_metrics = CaptureMetrics::new(ambit);
 
     let (mut rx, config_task) =
         source::start(&settings.source, move |outcome| reloads.record(outcome)).await?;
@@ -155,6 +156,7 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
         certs,
         ctx,
         Arc::new(dns),
+        capture_metrics,
     );
 
     tokio::spawn(config_task);
@@ -184,7 +186,7 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
                 let _ = reply.send(enroller.cni(&req, &config));
                 continue;
             }
-            _ = netns_check.tick() => enroller.drop_replaced_pods(),
+            _ = netns_check.tick() => enroller.drop_replaced_pods().await,
             changed = rx.changed() => {
                 if changed.is_err() { break; }
             }

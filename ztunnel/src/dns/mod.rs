@@ -140,10 +140,20 @@ impl DnsProxy {
     /// TCP connections are admitted through `gate`.
     pub async fn serve(self: Arc<Self>, listeners: DnsListeners, pod: Arc<Pod>, gate: Gate) {
         let pod = Arc::new(PodDns::new(self, pod.namespace.clone(), pod.workload()));
-        tokio::join!(
-            server::serve_udp(listeners.udp, pod.clone()),
-            server::serve_tcp(gate.listener(listeners.tcp), pod),
-        );
+        let serving = [listeners.v4, listeners.v6]
+            .into_iter()
+            .flatten()
+            .map(|sockets| {
+                let pod = pod.clone();
+                let gate = gate.clone();
+                async move {
+                    tokio::join!(
+                        server::serve_udp(sockets.udp, pod.clone()),
+                        server::serve_tcp(gate.listener(sockets.tcp), pod),
+                    );
+                }
+            });
+        futures_util::future::join_all(serving).await;
     }
 
     /// The servers forwarded queries go to.

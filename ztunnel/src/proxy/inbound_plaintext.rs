@@ -10,7 +10,7 @@ use tracing::{Instrument, info_span, warn};
 
 use super::outbound::ignore_close;
 use super::{AccessLog, Pod, ProxyContext};
-use crate::capture::{DELIVERY_ADDR, connect_in};
+use crate::capture::{connect_in, delivery_addr};
 
 /// Delivers one plaintext inbound connection.
 pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
@@ -33,7 +33,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
         let app = match connect_in(
             &pod.netns,
             dst,
-            Some(SocketAddr::new(DELIVERY_ADDR.into(), 0)),
+            Some(delivery_addr(dst)),
             &ctx.admission.fds(),
         )
         .await
