@@ -8,6 +8,8 @@
 //! - [`route`]: L7 routing with Gateway API `HTTPRoute`/`GRPCRoute`: route selection,
 //!   weighted backends and filters, as pure functions.
 //! - [`tls`]: rustls configurations that check SPIFFE identities.
+//! - [`admission`]: what peers may hold on every listener: descriptors (a reserve is
+//!   kept), handshakes in flight, connections per source; accept loops that never die.
 //! - [`hbone`]: HTTP/2 CONNECT tunnels (client pool, server helpers, stream adapter).
 //! - [`copy`]: bidirectional byte copying with counters.
 //! - [`signer`]: the central signer's protocol and client (certificates over the network).
@@ -21,10 +23,12 @@
 //! - [`listen`]: binding listeners on both address families.
 //! - [`logging`]: stderr logging, text or JSON, with a run-time filter handle.
 //!
-//! Feature flags: `testing` exposes helpers for tests.
+//! Feature flags: `testing` exposes helpers for tests; `cli` the command-line flags both
+//! binaries share ([`admission::flags`]); `kubernetes` the Kubernetes config source.
 #![deny(missing_docs)]
 
 pub mod admin;
+pub mod admission;
 pub mod balance;
 pub mod ca;
 pub mod certs;

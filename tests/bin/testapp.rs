@@ -30,11 +30,15 @@
 //! - `http-load --to ADDR --requests N [--concurrency C] [--h2c] ...`: N requests,
 //!   counted per status and per body (`statuses`, `bodies`, `errors`, `connections`).
 //! - `ws-echo`, `ws`: WebSocket echo server and client (see [`ws`]).
+//! - `flood --to ADDR --conns N [--sources IPS] [--send STR]`: opens and holds many
+//!   connections like a flood, and counts what the server closed (see [`flood`]).
 //! - `steady-load`, `hold`: paced load that survives drains, and many idle connections
 //!   (see [`steady`]).
 //! - `grpc --to ADDR --calls N --method unary|stream [--stream-messages M]`: real gRPC
 //!   over h2c; counts per server name and per `grpc-status`.
 
+#[path = "testapp_flood.rs"]
+mod flood;
 #[path = "testapp_frames.rs"]
 mod frames;
 #[path = "testapp_grpc.rs"]
@@ -206,6 +210,8 @@ enum Cmd {
     SteadyLoad(steady::LoadArgs),
     /// Holds N h2c connections open until a file appears.
     Hold(steady::HoldArgs),
+    /// Opens and holds many TCP connections (idle or with partial data), like a flood.
+    Flood(flood::FloodArgs),
 }
 
 /// xorshift64*: fast, deterministic, and good enough to defeat any
@@ -334,6 +340,7 @@ fn main() -> ExitCode {
             Cmd::Ws(args) => ws::client(args).await,
             Cmd::SteadyLoad(args) => steady::load(args).await,
             Cmd::Hold(args) => steady::hold(args).await,
+            Cmd::Flood(args) => flood::run(args).await,
         }
     })
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ambit_shared::admission::{self, Admission, ListenerLimits};
 use ambit_shared::ca::CaPaths;
 use ambit_shared::certs::{self, Certificates};
 use ambit_shared::config::index::{self, Snapshot};
@@ -58,6 +59,8 @@ pub struct Settings {
     pub upstream: UpstreamConfig,
     /// Listener tuning.
     pub listener: ListenerConfig,
+    /// Admission control of every listener.
+    pub admission: admission::Limits,
 }
 
 /// The route table for a config version: its Gateway API routes (services without routes
@@ -121,6 +124,8 @@ pub async fn start_with(
 ) -> anyhow::Result<Running> {
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
+    // Read after main raised the open-files limit: the reserve is a share of it.
+    let admission = Admission::new(settings.admission, &mut registry)?;
 
     let reload_metrics = metrics.clone();
     let (config, config_task) =
@@ -176,7 +181,10 @@ pub async fn start_with(
     let acceptor = listener::acceptor(cert.slot.clone(), &certificates.bundle, &trust_domain)
         .context("building the TLS server configuration")?;
     let upstream = Upstream::new(
-        settings.upstream.clone(),
+        UpstreamConfig {
+            fds: admission.fds(),
+            ..settings.upstream.clone()
+        },
         Pool::new(settings.pool.clone()),
         identity.clone(),
         cert,
@@ -196,17 +204,30 @@ pub async fn start_with(
         upstream,
         metrics,
         cfg: settings.listener.clone(),
+        admission: admission.clone(),
     });
     let ready = Readiness::default();
-    admin::spawn_with_outliers(registry, ready.clone(), admin_listeners, Some(destinations))?;
+    admin::spawn_with_outliers(
+        registry,
+        ready.clone(),
+        admin_listeners,
+        Some(destinations),
+        admission.clone(),
+    )?;
 
     let (trigger, watcher) = drain::channel();
     for p in plaintext {
         let l = plaintext::bind(p)
             .await
             .with_context(|| format!("binding the plaintext listener on {}", p.listen))?;
+        let l = admission
+            .gate("plaintext", ListenerLimits::default())
+            .listener(l);
         tokio::spawn(plaintext::serve(l, p.target, ctx.clone(), watcher.clone()));
     }
+    let hbone = admission
+        .gate(listener::LISTENER, ListenerLimits::default())
+        .listener(hbone);
     tokio::spawn(listener::serve(hbone, acceptor, ctx, watcher));
     ready.mark_ready();
     info!(name = %settings.name, namespace = %settings.namespace, identity = %identity,

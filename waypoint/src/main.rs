@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ambit_shared::admission::flags::{AdmissionArgs, HboneServerArgs};
 use ambit_shared::config::source::{Source, SourceKind};
 use ambit_shared::hbone::PoolConfig;
 use ambit_waypoint::listener::plaintext::PlaintextListen;
@@ -132,6 +133,14 @@ struct RunArgs {
     /// if tunnelled to the service VIP:PORT, trusting the source address as the identity.
     #[arg(long, value_name = "LISTEN=TARGET", hide = true)]
     plaintext_listen: Vec<PlaintextListen>,
+    /// Close an HTTP/1 connection whose request head is not complete this long after its
+    /// first byte (idle keep-alive connections are not affected); 0 never does.
+    #[arg(long, default_value_t = humantime::Duration::from(listener::DEFAULT_PARTIAL_HEAD_TIMEOUT))]
+    header_read_timeout: humantime::Duration,
+    #[command(flatten)]
+    admission: AdmissionArgs,
+    #[command(flatten)]
+    hbone: HboneServerArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -178,6 +187,8 @@ fn main() -> anyhow::Result<()> {
                 max_header_bytes: args.max_header_bytes,
                 ..Default::default()
             },
+            // Set by the app from the admission control's descriptor budget.
+            ..Default::default()
         },
         listener: listener::ListenerConfig {
             detect_timeout: args.protocol_detect_timeout,
@@ -185,8 +196,12 @@ fn main() -> anyhow::Result<()> {
             max_concurrent_streams: args.max_concurrent_streams.max(1),
             idle_timeout: args.idle_timeout,
             header_read_timeout: args.idle_timeout,
+            partial_head_timeout: Some(Duration::from(args.header_read_timeout))
+                .filter(|d| !d.is_zero()),
+            hbone: args.hbone.timeouts(),
             ..Default::default()
         },
+        admission: args.admission.limits(),
     };
     // On one core (a CPU limit of 1, or an affinity of one CPU) the current-thread scheduler
     // serves better than a one-worker multi-thread one: it runs woken tasks in turn, so an

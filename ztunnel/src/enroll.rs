@@ -443,7 +443,11 @@ impl Enroller {
             netns,
             cert,
         });
-        let mut tasks = vec![tokio::spawn(self.dns.clone().serve(dns, pod.clone()))];
+        let mut tasks = vec![tokio::spawn(self.dns.clone().serve(
+            dns,
+            pod.clone(),
+            self.ctx.gates.dns.clone(),
+        ))];
         for family in [listeners.v4, listeners.v6].into_iter().flatten() {
             tasks.extend(self.serve(family, &pod)?);
         }
@@ -464,23 +468,20 @@ impl Enroller {
         let (c1, c2, c3) = (self.ctx.clone(), self.ctx.clone(), self.ctx.clone());
         Ok(vec![
             tokio::spawn(proxy::accept_loop(
-                l.outbound,
-                "outbound",
-                pod.clone(),
+                self.ctx.gates.outbound.listener(l.outbound),
                 move |s, peer| proxy::outbound::handle(s, peer, p1.clone(), c1.clone()),
             )),
             tokio::spawn(proxy::accept_loop(
-                l.hbone,
-                "hbone",
-                pod.clone(),
+                self.ctx.gates.hbone.listener(l.hbone),
                 move |s, peer| {
                     proxy::inbound::handle(s, peer, acceptor.clone(), p2.clone(), c2.clone())
                 },
             )),
             tokio::spawn(proxy::accept_loop(
-                l.inbound_plaintext,
-                "inbound_plaintext",
-                pod.clone(),
+                self.ctx
+                    .gates
+                    .inbound_plaintext
+                    .listener(l.inbound_plaintext),
                 move |s, peer| proxy::inbound_plaintext::handle(s, peer, p3.clone(), c3.clone()),
             )),
         ])

@@ -75,11 +75,15 @@ where
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .max_headers(cfg.max_headers);
     let activity = Arc::new(ConnActivity::default());
-    let svc = service(
-        down.clone(),
-        Version::HTTP_11,
-        drain.clone(),
-        Some(activity.clone()),
+    let (io, heads) = super::head_timeout::wrap(io, cfg.partial_head_timeout);
+    let svc = super::head_timeout::Tracked::new(
+        service(
+            down.clone(),
+            Version::HTTP_11,
+            drain.clone(),
+            Some(activity.clone()),
+        ),
+        heads.clone(),
     );
     let conn = builder
         .serve_connection(TokioIo::new(io), svc)
@@ -101,6 +105,11 @@ where
             }
         },
     };
+    if heads.fired() {
+        down.ctx
+            .admission
+            .count_timeout(super::LISTENER, "header_read");
+    }
     if let Err(e) = result {
         debug!(error = %e, "HTTP/1 connection ended with an error");
     }

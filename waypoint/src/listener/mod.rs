@@ -9,11 +9,16 @@
 //! - Inside the tunnel, [`detect`] tells HTTP/1, HTTP/2 (h2c, gRPC) and other TCP apart;
 //!   [`http`] proxies HTTP requests, [`tcp`] forwards the rest at L4.
 //!
-//! Bounds: TLS handshakes time out; HBONE caps streams per connection; HTTP/1 heads and
-//! HTTP/2 header lists are capped; HTTP/2 caps concurrent streams and resets; request
-//! bodies are buffered only up to the retry cap.
+//! Bounds: connections go through [`ambit_shared::admission`] (descriptor reserve,
+//! handshakes in flight per process and per source, handshake timeout); HBONE connections
+//! need their preface in time, answer keepalive PINGs and close when idle without a stream;
+//! HBONE caps streams per connection; HTTP/1 heads must arrive within
+//! [`ListenerConfig::partial_head_timeout`] of their first byte; HTTP/1 heads and HTTP/2
+//! header lists are capped; HTTP/2 caps concurrent streams and resets; request bodies are
+//! buffered only up to the retry cap.
 
 pub mod detect;
+pub mod head_timeout;
 pub mod http;
 pub mod plaintext;
 pub mod tcp;
@@ -24,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::http::StatusCode;
+use ambit_shared::admission::{Admission, HandshakeError, Listener};
 use ambit_shared::config::Protocol;
 use ambit_shared::config::index::Snapshot;
 use ambit_shared::drain::DrainWatcher;
@@ -33,7 +39,7 @@ use ambit_shared::identity::Identity;
 use ambit_shared::ports;
 use ambit_shared::tls;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -43,14 +49,14 @@ use crate::metrics::{Metrics, Source};
 use crate::route::{DeclaredProtocol, RouteTable, Target};
 use crate::upstream::{Endpoint, Upstream};
 
-/// Pause after a failed accept (e.g. out of file descriptors) so the loop cannot spin.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// The HBONE listener's name in metrics and logs.
+pub const LISTENER: &str = "hbone";
+/// Default bound on receiving an HTTP/1 request head once its first byte has arrived.
+pub const DEFAULT_PARTIAL_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Listener tuning.
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
-    /// Bound on the TLS handshake. Default 10 s.
-    pub handshake_timeout: Duration,
     /// How long to wait for a client's first bytes before treating the tunnel as TCP.
     /// Default 1 s.
     pub detect_timeout: Duration,
@@ -64,6 +70,13 @@ pub struct ListenerConfig {
     /// under its owner (who would then race our close with its next request); peers are
     /// authenticated mesh workloads, and each idle connection costs only its buffers.
     pub header_read_timeout: Option<Duration>,
+    /// An HTTP/1 request head must be complete within this of its first byte; the
+    /// connection is closed otherwise. Unlike hyper's header-read timeout it never counts
+    /// the idle time between requests, so keep-alive connections are not cut by it.
+    /// Default [`DEFAULT_PARTIAL_HEAD_TIMEOUT`]; `None`: never.
+    pub partial_head_timeout: Option<Duration>,
+    /// Time bounds of HBONE connections (preface, keepalive, idle without streams).
+    pub hbone: server::Timeouts,
     /// Concurrent HTTP/2 streams per client connection. Default 1000.
     pub max_concurrent_streams: u32,
     /// An upgraded stream (WebSocket, extended CONNECT) that moves no bytes either way for
@@ -80,11 +93,12 @@ pub struct ListenerConfig {
 impl Default for ListenerConfig {
     fn default() -> Self {
         ListenerConfig {
-            handshake_timeout: Duration::from_secs(10),
             detect_timeout: Duration::from_secs(1),
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             header_read_timeout: None,
+            partial_head_timeout: Some(DEFAULT_PARTIAL_HEAD_TIMEOUT),
+            hbone: server::Timeouts::default(),
             max_concurrent_streams: 1000,
             idle_timeout: None,
             drain_idle_close: Duration::from_secs(1),
@@ -118,6 +132,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Tuning.
     pub cfg: ListenerConfig,
+    /// Admission control shared by the waypoint's listeners.
+    pub admission: Admission,
 }
 
 /// One accepted tunnel: who sent it and what it dialled.
@@ -260,9 +276,10 @@ pub fn endpoint(snap: &Snapshot, addr: SocketAddr) -> Endpoint {
     Endpoint { addr, identity }
 }
 
-/// Accepts HBONE connections until a drain starts; one task per connection.
+/// Accepts HBONE connections until a drain starts; one task per connection. Admission
+/// control decides what is accepted; an accept error never ends the loop.
 pub async fn serve(
-    listener: TcpListener,
+    mut listener: Listener,
     acceptor: TlsAcceptor,
     ctx: Arc<Context>,
     drain: DrainWatcher,
@@ -271,30 +288,29 @@ pub async fn serve(
         info!(%addr, waypoint = %ctx.waypoint.name, "serving HBONE");
     }
     loop {
-        let accepted = tokio::select! {
+        let conn = tokio::select! {
             a = listener.accept() => a,
             () = drain.signaled() => {
                 info!("draining: no longer accepting HBONE connections");
                 return;
             }
         };
-        match accepted {
-            Ok((tcp, peer)) => {
-                // A dual-stack listener shows IPv4 peers as v4-mapped IPv6; policy and logs
-                // must see them as the IPv4 addresses they are.
-                let peer = ambit_shared::listen::canonical(peer);
-                let _ = tcp.set_nodelay(true);
-                let span = info_span!("hbone", %peer);
-                tokio::spawn(
-                    connection(tcp, peer, acceptor.clone(), ctx.clone(), drain.clone())
-                        .instrument(span),
-                );
+        let span = info_span!("hbone", peer = %conn.peer);
+        let task = connection(
+            conn.stream,
+            conn.peer,
+            acceptor.clone(),
+            ctx.clone(),
+            drain.clone(),
+        );
+        let permit = conn.permit;
+        tokio::spawn(
+            async move {
+                task.await;
+                drop(permit);
             }
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-            }
-        }
+            .instrument(span),
+        );
     }
 }
 
@@ -316,14 +332,22 @@ async fn connection(
     ctx: Arc<Context>,
     drain: DrainWatcher,
 ) {
-    let tls = match tokio::time::timeout(ctx.cfg.handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            warn!(error = %tls::describe_handshake_error(&e), "HBONE TLS handshake failed; connection refused");
+    let tls = match ctx
+        .admission
+        .tls_handshake(LISTENER, &acceptor, tcp, peer.ip())
+        .await
+    {
+        Ok(tls) => tls,
+        // Counted in the admission metrics; logging each would let a flood of idle
+        // connections flood the log too.
+        Err(
+            e @ (HandshakeError::Shed(_) | HandshakeError::Timeout(_) | HandshakeError::Closed),
+        ) => {
+            debug!(error = %e, "HBONE connection closed before its handshake");
             return;
         }
-        Err(_) => {
-            warn!("HBONE TLS handshake timed out; connection refused");
+        Err(e) => {
+            warn!(error = %e, "HBONE TLS handshake failed; connection refused");
             return;
         }
     };
@@ -341,6 +365,7 @@ async fn connection(
     };
     let result = server::serve_with_shutdown(
         tls,
+        ctx.cfg.hbone,
         |incoming| {
             tunnel(
                 incoming,
@@ -354,8 +379,14 @@ async fn connection(
         shutdown,
     )
     .await;
-    if let Err(e) = result {
-        debug!(error = %e, "HBONE connection ended with an error");
+    match result {
+        Ok(closed) => debug!(?closed, "HBONE connection closed"),
+        Err(e) => {
+            if let Some(phase) = e.timeout_phase() {
+                ctx.admission.count_timeout(LISTENER, phase);
+            }
+            debug!(error = %e, "HBONE connection ended with an error");
+        }
     }
 }
 

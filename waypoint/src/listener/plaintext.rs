@@ -11,6 +11,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use ambit_shared::admission::Listener;
 use ambit_shared::drain::DrainWatcher;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, info, info_span, warn};
@@ -53,7 +54,7 @@ pub async fn bind(cfg: PlaintextListen) -> std::io::Result<TcpListener> {
 
 /// Accepts plaintext connections until a drain starts; one task per connection.
 pub async fn serve(
-    listener: TcpListener,
+    mut listener: Listener,
     target: SocketAddr,
     ctx: Arc<Context>,
     drain: DrainWatcher,
@@ -69,19 +70,22 @@ pub async fn serve(
                 return;
             }
         };
-        match accepted {
-            Ok((tcp, peer)) => {
-                let _ = tcp.set_nodelay(true);
-                let span = info_span!("plaintext", %peer);
-                tokio::spawn(
-                    connection(tcp, peer, target, ctx.clone(), drain.clone()).instrument(span),
-                );
+        let span = info_span!("plaintext", peer = %accepted.peer);
+        let task = connection(
+            accepted.stream,
+            accepted.peer,
+            target,
+            ctx.clone(),
+            drain.clone(),
+        );
+        let permit = accepted.permit;
+        tokio::spawn(
+            async move {
+                task.await;
+                drop(permit);
             }
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(super::ACCEPT_ERROR_PAUSE).await;
-            }
-        }
+            .instrument(span),
+        );
     }
 }
 

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use ambit_shared::admission::FdBudget;
 use ambit_shared::certs::IdentityCert;
 use ambit_shared::hbone::{self, Pool, PoolKey};
 use ambit_shared::identity::Identity;
@@ -66,6 +67,10 @@ pub struct UpstreamConfig {
     pub body_cap: usize,
     /// HTTP connection pool.
     pub clients: ClientConfig,
+    /// Where sockets to endpoints may go in the descriptor table: never into the reserve
+    /// kept for the waypoint's own work (reading its config and certificates). Default:
+    /// no limit.
+    pub fds: FdBudget,
 }
 
 impl Default for UpstreamConfig {
@@ -74,6 +79,7 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(10),
             body_cap: body::DEFAULT_CAP,
             clients: ClientConfig::default(),
+            fds: FdBudget::unlimited(),
         }
     }
 }
@@ -593,6 +599,10 @@ impl Upstream {
                 .await
                 .map_err(|_| AttemptError::connect(addr, "timed out"))?
                 .map_err(|e| AttemptError::connect(addr, e))?;
+            self.cfg
+                .fds
+                .check_opened(&tcp)
+                .map_err(|e| AttemptError::connect(addr, e))?;
             let _ = tcp.set_nodelay(true);
             return Ok(Box::new(tcp));
         };
@@ -607,10 +617,12 @@ impl Upstream {
         let cert = self.cert.clone();
         let bundle = self.bundle.clone();
         let timeout = self.cfg.connect_timeout;
+        let fds = self.cfg.fds;
         let dial = move || async move {
             let tcp = tokio::time::timeout(timeout, TcpStream::connect(hbone_addr))
                 .await
                 .map_err(|_| hbone::Error::Timeout(hbone_addr))?
+                .and_then(|tcp| fds.check_opened(&tcp).map(|()| tcp).map_err(Into::into))
                 .map_err(|source| hbone::Error::Connect {
                     addr: hbone_addr,
                     source,
