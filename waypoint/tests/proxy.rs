@@ -250,6 +250,8 @@ async fn harness() -> Harness {
         pool: Default::default(),
         upstream: Default::default(),
         listener: Default::default(),
+        overload: Default::default(),
+        max_metric_series: ambit_waypoint::metrics::DEFAULT_MAX_SERIES,
     })
     .await
     .expect("waypoint starts");

@@ -66,6 +66,10 @@ pub struct UpstreamConfig {
     pub body_cap: usize,
     /// HTTP connection pool.
     pub clients: ClientConfig,
+    /// Connections per destination service where no `TrafficPolicy` sets
+    /// `maxConnections`. Default [`destination::DEFAULT_MAX_CONNECTIONS`]; `None` is
+    /// unlimited.
+    pub default_max_connections: Option<u32>,
 }
 
 impl Default for UpstreamConfig {
@@ -74,6 +78,7 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(10),
             body_cap: body::DEFAULT_CAP,
             clients: ClientConfig::default(),
+            default_max_connections: Some(destination::DEFAULT_MAX_CONNECTIONS),
         }
     }
 }
@@ -150,6 +155,15 @@ pub enum AttemptError {
         /// Which limit.
         limit: Limit,
     },
+    /// The endpoint answered something the waypoint must not pass on (a protocol switch
+    /// nobody asked for): 502, flag `UPE`.
+    #[error("{addr} broke the protocol: {reason}")]
+    Protocol {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// What it did.
+        reason: String,
+    },
 }
 
 impl AttemptError {
@@ -181,6 +195,7 @@ impl AttemptError {
             AttemptError::Http { failure, .. } => *failure,
             AttemptError::Timeout { .. } => Failure::Timeout,
             AttemptError::Overflow { .. } => Failure::Overflow,
+            AttemptError::Protocol { .. } => Failure::Protocol,
         }
     }
 }
@@ -302,12 +317,15 @@ impl Upstream {
             "k8s.namespace.name={},k8s.deployment.name={waypoint_name}",
             identity.namespace()
         );
+        let destinations = Arc::new(Destinations::with_default_max_connections(
+            cfg.default_max_connections,
+        ));
         Upstream {
             clients: Clients::new(cfg.clients.clone()),
             cfg,
             pool,
             balancer: Balancer::default(),
-            destinations: Arc::default(),
+            destinations,
             resilience: Default::default(),
             budgets: Budgets::default(),
             identity,
