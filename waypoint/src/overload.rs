@@ -29,10 +29,18 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-/// Default cap on HBONE streams open at once.
-pub const DEFAULT_MAX_HBONE_STREAMS: usize = 16_384;
-/// Default cap on requests in flight at once.
-pub const DEFAULT_MAX_REQUESTS: usize = 8_192;
+/// Default cap on HBONE streams open at once. Tunnels share TLS connections, so they cost
+/// no file descriptor, but one with an idle HTTP/2 connection inside costs about 32 KB
+/// (10,000 measured at 323 MB of waypoint RSS): this is a backstop near 2 GB, to be sized
+/// to the pod's memory. One client may legitimately hold ten thousand
+/// (`tests/scenarios/waypoint_drain.rs`), so the per-identity share (16,384) stays above
+/// that.
+pub const DEFAULT_MAX_HBONE_STREAMS: usize = 65_536;
+/// Default cap on requests in flight at once. A request in flight costs tens of kilobytes
+/// (about 50 KB against a slow backend, more for a client that does not read), so this
+/// bounds that memory near a gigabyte; a quarter of it (4,096) per identity still lets one
+/// busy client, such as an ingress gateway, keep 4,096 slow requests open.
+pub const DEFAULT_MAX_REQUESTS: usize = 16_384;
 /// The per-identity caps default to the global ones divided by this.
 pub const PER_IDENTITY_SHARE: usize = 4;
 
