@@ -225,9 +225,23 @@ impl Overload {
         resource: Resource,
         identity: Option<&Identity>,
     ) -> Result<Permit, Shed> {
+        let key: Arc<str> = identity.map_or_else(|| ANONYMOUS.into(), |id| id.to_string().into());
+        self.admit_key(resource, key)
+    }
+
+    /// [`Overload::admit`] for the client that holds `held` (a tunnel's permit), without
+    /// spelling its identity out again: the per-request path.
+    pub fn admit_same_client(
+        self: &Arc<Self>,
+        resource: Resource,
+        held: &Permit,
+    ) -> Result<Permit, Shed> {
+        self.admit_key(resource, held.identity.clone())
+    }
+
+    fn admit_key(self: &Arc<Self>, resource: Resource, key: Arc<str>) -> Result<Permit, Shed> {
         let (global_cap, identity_cap) = self.limits(resource);
         let i = resource.index();
-        let key: Arc<str> = identity.map_or_else(|| ANONYMOUS.into(), |id| id.to_string().into());
         let refused = {
             let mut state = self.state.lock();
             if state.global[i] >= global_cap {
@@ -329,12 +343,16 @@ mod tests {
         let a2 = o.admit(Resource::Requests, Some(&a)).expect("a 2");
         let shed = o.admit(Resource::Requests, Some(&a)).expect_err("a 3");
         assert_eq!((shed.scope, shed.limit), (Scope::Identity, 2));
+        // Streams are counted apart from requests, and a stream's client is its requests'.
+        let s = o.admit(Resource::HboneStreams, Some(&a)).expect("stream");
+        let shed = o
+            .admit_same_client(Resource::Requests, &s)
+            .expect_err("a's cap, through its tunnel");
+        assert_eq!(shed.scope, Scope::Identity);
         // Another identity is still served, up to the global cap.
         let b1 = o.admit(Resource::Requests, Some(&b)).expect("b 1");
         let shed = o.admit(Resource::Requests, Some(&c)).expect_err("global");
         assert_eq!((shed.scope, shed.limit), (Scope::Global, 3));
-        // Streams are counted apart from requests.
-        let s = o.admit(Resource::HboneStreams, Some(&a)).expect("stream");
         assert_eq!(o.in_flight(Resource::Requests, Some(&a)), (3, 2));
         drop(a1);
         let c1 = o.admit(Resource::Requests, Some(&c)).expect("room again");
@@ -346,7 +364,7 @@ mod tests {
         );
         let text = encode(&registry).expect("encodes");
         for want in [
-            r#"ambit_waypoint_overload_shed_total{resource="requests",scope="identity"} 1"#,
+            r#"ambit_waypoint_overload_shed_total{resource="requests",scope="identity"} 2"#,
             r#"ambit_waypoint_overload_shed_total{resource="requests",scope="global"} 1"#,
             r#"ambit_waypoint_overload_shed_total{resource="hbone_streams",scope="global"} 0"#,
             r#"ambit_waypoint_overload_in_flight{resource="requests"} 0"#,

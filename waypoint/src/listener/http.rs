@@ -255,11 +255,12 @@ async fn proxy(
         body.meter(),
     );
     // Shed before any other work: under overload, refusing must stay cheap.
-    match down
-        .ctx
-        .overload
-        .admit(Resource::Requests, down.source.principal.as_ref())
-    {
+    let overload = &down.ctx.overload;
+    let admitted = match &down.admission {
+        Some(tunnel) => overload.admit_same_client(Resource::Requests, tunnel),
+        None => overload.admit(Resource::Requests, down.source.principal.as_ref()),
+    };
+    match admitted {
         Ok(permit) => record.admission = Some(permit),
         Err(shed) => {
             let mut resp = record.local(StatusCode::SERVICE_UNAVAILABLE, "OM", &shed.to_string());
