@@ -74,6 +74,10 @@ struct Args {
     /// `baggage` of each tunnel (with --tunnels); `{i}` becomes the tunnel's number.
     #[arg(long)]
     baggage: Option<String>,
+    /// A `forwarded: for="ADDR"` header on the CONNECT: the client address a source
+    /// ztunnel would claim.
+    #[arg(long)]
+    forwarded: Option<SocketAddr>,
     /// Path of the HTTP requests.
     #[arg(long, default_value = "/")]
     path: String,
@@ -166,10 +170,13 @@ async fn probe(args: &Args) -> anyhow::Result<(u16, Outcome)> {
         let tally = many_tunnels(client, n, args).await?;
         return Ok((200, Outcome::Http(tally)));
     }
-    let request = http::Request::builder()
+    let mut request = http::Request::builder()
         .method(args.method.as_str())
-        .uri(args.target.as_str())
-        .body(())?;
+        .uri(args.target.as_str());
+    if let Some(f) = args.forwarded {
+        request = request.header("forwarded", format!("for=\"{f}\""));
+    }
+    let request = request.body(())?;
     let (response, mut send) = client.send_request(request, false)?;
     let response = response.await?;
     let status = response.status().as_u16();

@@ -30,7 +30,9 @@ use serde_json::Value;
 
 const TRUST_DOMAIN: &str = "cluster.local";
 const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/shop/sa/waypoint";
-const PROBE_ID: &str = "spiffe://cluster.local/ns/shop/sa/probe";
+/// A certificate whose identity owns no workload (a VM's, or a stolen one): the source
+/// address then names no workload of it, which is when baggage used to fill the labels.
+const ATTACKER_ID: &str = "spiffe://cluster.local/ns/shop/sa/attacker";
 const LONG: Duration = Duration::from_secs(30);
 const CLIENT: Duration = Duration::from_secs(30);
 
@@ -555,7 +557,7 @@ fn unique_baggage_leaves_series_and_memory_flat() -> Result<()> {
     harness::skip_or_fail!(Ok(()));
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let w = world(&[])?;
-    let cert = w.cluster.issue_cert(PROBE_ID)?;
+    let cert = w.cluster.issue_cert(ATTACKER_ID)?;
     let wp_hbone = format!("{}:15008", w.wp.ip());
     let target = format!("{}:80", w.vip);
     let tunnels = |n: usize, tag: &str| -> Result<Value> {
@@ -615,14 +617,15 @@ fn unique_baggage_leaves_series_and_memory_flat() -> Result<()> {
         !m1.contains("evil-") && !m1.contains("warm-"),
         "a baggage value reached a label"
     );
-    let probe_series = m1
+    let attacker = m1
         .lines()
         .filter(|l| l.starts_with("istio_requests_total{"))
-        .find(|l| l.contains(&format!("source_principal=\"{PROBE_ID}\"")))
-        .context("no series for the probe")?;
+        .find(|l| l.contains(&format!("source_principal=\"{ATTACKER_ID}\"")))
+        .context("no series for the attacker's identity")?;
     ensure!(
-        probe_series.contains(r#"source_workload="probe""#),
-        "the source workload comes from the config: {probe_series}"
+        attacker.contains(r#"source_workload="unknown""#)
+            && attacker.contains(r#"source_workload_namespace="shop""#),
+        "only the proven identity's namespace is known: {attacker}"
     );
     // On main the same load grew the waypoint by about 200 MB; what is left here is
     // allocator noise.
@@ -711,5 +714,63 @@ fn one_identity_over_its_request_cap_is_shed_while_another_is_served() -> Result
         last_line(&again).starts_with("200 "),
         "client-a after: {again}"
     );
+    Ok(())
+}
+
+#[test]
+fn a_connect_to_the_waypoint_itself_is_refused_and_logs_name_the_proven_peer() -> Result<()> {
+    harness::skip_or_fail!(Ok(()));
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let w = world(&[])?;
+    let cert = w.cluster.issue_cert(ATTACKER_ID)?;
+    let claimed = "10.9.9.9:4242";
+    let connect = |target: &str| -> Result<Value> {
+        let mut cmd = w.probe.command(harness::bin_path("ambit-hbone-probe")?);
+        cmd.args(["--to", &format!("{}:15008", w.wp.ip())])
+            .args(["--server-identity", WAYPOINT_ID])
+            .arg("--cert")
+            .arg(&cert.0)
+            .arg("--key")
+            .arg(&cert.1)
+            .arg("--bundle")
+            .arg(w.cluster.ca_dir().join("bundle.pem"))
+            .args(["--target", target])
+            .args(["--http1", "1", "--host", "api.shop", "--path", "/v1"])
+            .args(["--forwarded", claimed]);
+        let out = w.probe.run_ok(&mut cmd, CLIENT)?;
+        serde_json::from_str(out.trim()).with_context(|| format!("probe: {out}"))
+    };
+    // The waypoint's own pod address, on a port nothing reserves: it would loop back in.
+    let own = connect(&format!("{}:8080", w.wp.ip()))?;
+    ensure!(
+        own["status"].as_u64() == Some(400),
+        "CONNECT to itself: {own}"
+    );
+    // A real destination is still accepted.
+    let cursor = w.waypoint.log().len();
+    let api = connect(&format!("{}:80", w.vip))?;
+    ensure!(
+        api["status"].as_u64() == Some(200),
+        "CONNECT to the service: {api}"
+    );
+    // The access log names the client by its proven address; the `forwarded` claim goes
+    // in a field of its own.
+    let line = w
+        .waypoint
+        .log()
+        .wait_for(cursor, LONG, |l| {
+            l.json.as_ref().is_some_and(|v| {
+                v.get("target").and_then(Value::as_str) == Some("access")
+                    && field_str(v, "path") == "/v1"
+            })
+        })
+        .context("no access-log line")?;
+    let v = line.json.unwrap_or_default();
+    let src = field_str(&v, "src.addr");
+    ensure!(
+        src.starts_with(&format!("{}:", w.probe.ip())),
+        "src.addr must be the TLS peer's: {v}"
+    );
+    ensure!(field_str(&v, "src.forwarded_for") == claimed, "{v}");
     Ok(())
 }
