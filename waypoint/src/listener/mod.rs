@@ -372,8 +372,12 @@ async fn connection(
     ctx: Arc<Context>,
     drain: DrainWatcher,
 ) {
-    // The address the client reached us on: a CONNECT to it would loop back here.
-    let local = tcp.local_addr().ok().map(|a| a.ip());
+    // The address the client reached us on: a CONNECT to it would loop back here. (As
+    // IPv4 when a dual-stack listener shows it v4-mapped, like the peer.)
+    let local = tcp
+        .local_addr()
+        .ok()
+        .map(|a| ambit_shared::listen::canonical(a).ip());
     let tls = match tokio::time::timeout(ctx.cfg.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {

@@ -108,7 +108,10 @@ async fn connection(
             return;
         }
     };
-    let local = tcp.local_addr().ok().map(|a| a.ip());
+    let local = tcp
+        .local_addr()
+        .ok()
+        .map(|a| ambit_shared::listen::canonical(a).ip());
     let target = match resolve(&snap, &ctx.waypoint, dialled, local) {
         Ok(t) => t,
         Err(e) => {
