@@ -6,5 +6,7 @@ cd "$(dirname "$0")"
 tests/scripts/setup-host.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The benchmarks' plaintext listener is behind a feature no other build enables; lint it too.
+cargo clippy -p ambit-waypoint --all-targets --features bench-plaintext -- -D warnings
 cargo build --workspace --bins
 cargo test --workspace

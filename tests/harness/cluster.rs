@@ -1134,7 +1134,7 @@ impl Pod {
     pub fn spawn_testapp(&self, args: &[&str]) -> Result<Proc> {
         let mut cmd = self.testapp_command(args)?;
         let proc = self.spawn(&mut cmd)?;
-        if matches!(args.first(), Some(&("echo" | "http" | "sink"))) {
+        if matches!(args.first(), Some(&("echo" | "http" | "sink" | "h2c"))) {
             proc.wait_for_line(APP_READY_TIMEOUT, |l| l.starts_with("listening on"))?;
         }
         Ok(proc)

@@ -21,9 +21,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::admin::{self, Readiness};
+#[cfg(feature = "bench-plaintext")]
 use crate::listener::plaintext::{self, PlaintextListen};
 use crate::listener::{self, Context, ListenerConfig, Waypoint};
 use crate::metrics::Metrics;
+use crate::overload::{Overload, OverloadConfig};
 use crate::route::{GatewayRoutes, RouteTable};
 use crate::upstream::{Upstream, UpstreamConfig};
 
@@ -61,6 +63,10 @@ pub struct Settings {
     pub listener: ListenerConfig,
     /// Admission control of every listener.
     pub admission: admission::Limits,
+    /// Caps on HBONE streams and requests in flight.
+    pub overload: OverloadConfig,
+    /// Label sets per metric family before records are folded.
+    pub max_metric_series: usize,
 }
 
 /// The route table for a config version: its Gateway API routes (services without routes
@@ -114,16 +120,30 @@ impl Running {
 /// waypoint's certificate, binds every listener (port 0 picks a free one) and starts
 /// serving.
 pub async fn start(settings: Settings) -> anyhow::Result<Running> {
-    start_with(settings, Vec::new()).await
+    start_inner(settings, Extra::default()).await
 }
 
-/// [`start`], plus the benchmarks' plaintext listeners.
+/// [`start`], plus the benchmarks' plaintext listeners (feature `bench-plaintext`).
+#[cfg(feature = "bench-plaintext")]
 pub async fn start_with(
     settings: Settings,
     plaintext: Vec<PlaintextListen>,
 ) -> anyhow::Result<Running> {
+    start_inner(settings, Extra { plaintext }).await
+}
+
+/// What only some builds start.
+#[derive(Debug, Default)]
+struct Extra {
+    /// The benchmarks' plaintext listeners.
+    #[cfg(feature = "bench-plaintext")]
+    plaintext: Vec<PlaintextListen>,
+}
+
+async fn start_inner(settings: Settings, extra: Extra) -> anyhow::Result<Running> {
     let mut registry = Registry::default();
-    let metrics = Metrics::new(&mut registry);
+    let metrics = Metrics::with_max_series(&mut registry, settings.max_metric_series);
+    let overload = Overload::new(settings.overload, &mut registry);
     // Read after main raised the open-files limit: the reserve is a share of it.
     let admission = Admission::new(settings.admission, &mut registry)?;
 
@@ -203,6 +223,7 @@ pub async fn start_with(
         routes,
         upstream,
         metrics,
+        overload,
         cfg: settings.listener.clone(),
         admission: admission.clone(),
     });
@@ -216,7 +237,8 @@ pub async fn start_with(
     )?;
 
     let (trigger, watcher) = drain::channel();
-    for p in plaintext {
+    #[cfg(feature = "bench-plaintext")]
+    for p in extra.plaintext {
         let l = plaintext::bind(p)
             .await
             .with_context(|| format!("binding the plaintext listener on {}", p.listen))?;
@@ -225,6 +247,8 @@ pub async fn start_with(
             .listener(l);
         tokio::spawn(plaintext::serve(l, p.target, ctx.clone(), watcher.clone()));
     }
+    #[cfg(not(feature = "bench-plaintext"))]
+    let Extra {} = extra;
     let hbone = admission
         .gate(listener::LISTENER, ListenerLimits::default())
         .listener(hbone);
@@ -244,15 +268,20 @@ pub async fn start_with(
 
 /// Runs the waypoint until SIGTERM or SIGINT, then drains.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    run_with(settings, Vec::new()).await
+    serve_until_signal(settings, Extra::default()).await
 }
 
-/// [`run`], plus the benchmarks' plaintext listeners.
+/// [`run`], plus the benchmarks' plaintext listeners (feature `bench-plaintext`).
+#[cfg(feature = "bench-plaintext")]
 pub async fn run_with(settings: Settings, plaintext: Vec<PlaintextListen>) -> anyhow::Result<()> {
+    serve_until_signal(settings, Extra { plaintext }).await
+}
+
+async fn serve_until_signal(settings: Settings, extra: Extra) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let grace = settings.drain_grace;
-    let running = start_with(settings, plaintext).await?;
+    let running = start_inner(settings, extra).await?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: draining"),
         _ = int.recv() => info!("SIGINT: draining"),

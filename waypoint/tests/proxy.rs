@@ -158,6 +158,8 @@ trustDomain: cluster.local
 namespaces:
   - name: shop
     labels: {{ ambit.dev/use-waypoint: waypoint }}
+workloads:
+  - {{ name: client-1, namespace: shop, serviceAccount: client, ips: [10.0.0.99], node: a }}
 services:
   - name: web
     namespace: shop
@@ -255,6 +257,8 @@ async fn harness_with(listener: ambit_waypoint::listener::ListenerConfig) -> Har
         upstream: Default::default(),
         listener,
         admission: Default::default(),
+        overload: Default::default(),
+        max_metric_series: ambit_waypoint::metrics::DEFAULT_MAX_SERIES,
     })
     .await
     .expect("waypoint starts");
@@ -299,7 +303,8 @@ impl Harness {
         let req = hbone::connect_request(
             dst,
             "10.0.0.99:40000".parse().expect("addr"),
-            Some("k8s.namespace.name=shop,k8s.pod.name=client-1"),
+            // Claims another pod: metric labels must not take it (see the metrics check).
+            Some("k8s.namespace.name=shop,k8s.pod.name=evil-0,service.name=evil"),
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         );
         let (resp, send) = h2.send_request(req, false).expect("sends");
@@ -545,6 +550,9 @@ async fn proxies_http1_h2c_grpc_and_tcp_with_retries_and_metrics() {
         (2 * N + 1) as u64,
         "web requests; metrics:\n{text}"
     );
+    // The source workload came from the config (`forwarded` names client-1's address and
+    // the proven identity is client-1's); the tunnel's baggage claim was ignored.
+    assert!(!text.contains("evil"), "baggage reached a label:\n{text}");
     assert_eq!(
         requests_total(
             &text,

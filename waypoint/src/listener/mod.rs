@@ -15,11 +15,22 @@
 //! HBONE caps streams per connection; HTTP/1 heads must arrive within
 //! [`ListenerConfig::partial_head_timeout`] of their first byte; HTTP/1 heads and HTTP/2
 //! header lists are capped; HTTP/2 caps concurrent streams and resets; request bodies are
-//! buffered only up to the retry cap.
+//! buffered only up to the retry cap; [`crate::overload`] caps HBONE streams and requests
+//! in flight, globally and per client identity.
+//!
+//! A CONNECT to the waypoint's own address (the address it was reached on, or any replica
+//! of this waypoint in the config) is refused with 400: it would loop through the
+//! waypoint again, doubling every cost a client can impose.
+//!
+//! Access logs name the client by what is proven: `src.addr` is the TLS peer's address and
+//! `src.identity` its certificate's identity. The `forwarded` header of the CONNECT is what
+//! the source ztunnel *claims* the client's address is; it is logged as
+//! `src.forwarded_for`, and authorization never uses it.
 
 pub mod detect;
 pub mod head_timeout;
 pub mod http;
+#[cfg(feature = "bench-plaintext")]
 pub mod plaintext;
 pub mod tcp;
 pub mod upgrade;
@@ -28,12 +39,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::IpAddr;
+
 use ::http::StatusCode;
 use ambit_shared::admission::{Admission, HandshakeError, Listener};
 use ambit_shared::config::Protocol;
 use ambit_shared::config::index::Snapshot;
 use ambit_shared::drain::DrainWatcher;
-use ambit_shared::hbone::request::{BAGGAGE, RequestError, forwarded_client, parse_connect};
+use ambit_shared::hbone::request::{RequestError, forwarded_client, parse_connect};
 use ambit_shared::hbone::server::{self, Incoming};
 use ambit_shared::identity::Identity;
 use ambit_shared::ports;
@@ -45,7 +58,9 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use self::detect::Detected;
+use self::upgrade::Allowlist;
 use crate::metrics::{Metrics, Source};
+use crate::overload::{Overload, Permit, Resource};
 use crate::route::{DeclaredProtocol, RouteTable, Target};
 use crate::upstream::{Endpoint, Upstream};
 
@@ -88,6 +103,8 @@ pub struct ListenerConfig {
     /// enough that a client sending steadily is told by a response rather than racing a
     /// close.
     pub drain_idle_close: Duration,
+    /// Upgrade protocols spliced; see [`upgrade`]. Default: `websocket`.
+    pub upgrades: Allowlist,
 }
 
 impl Default for ListenerConfig {
@@ -102,6 +119,7 @@ impl Default for ListenerConfig {
             max_concurrent_streams: 1000,
             idle_timeout: None,
             drain_idle_close: Duration::from_secs(1),
+            upgrades: Allowlist::default(),
         }
     }
 }
@@ -130,6 +148,8 @@ pub struct Context {
     pub upstream: Upstream,
     /// Telemetry.
     pub metrics: Arc<Metrics>,
+    /// Caps on streams and requests in flight.
+    pub overload: Arc<Overload>,
     /// Tuning.
     pub cfg: ListenerConfig,
     /// Admission control shared by the waypoint's listeners.
@@ -145,12 +165,16 @@ pub struct Downstream {
     pub target: Target,
     /// The client, as metrics see it.
     pub source: Source,
-    /// The client's address (from `forwarded`, else the TLS peer's).
-    pub client: SocketAddr,
-    /// The TLS peer's address, which authorization trusts (unlike `forwarded`).
+    /// The TLS peer's address: what authorization uses and access logs show (`src.addr`).
     pub peer: SocketAddr,
+    /// The client address the CONNECT's `forwarded` header claims; unverified, logged as
+    /// `src.forwarded_for` only.
+    pub forwarded: Option<SocketAddr>,
     /// The CONNECT authority.
     pub dialled: SocketAddr,
+    /// This tunnel's place under the HBONE stream caps, given back when the tunnel and
+    /// its requests are done.
+    pub admission: Option<Permit>,
 }
 
 /// Why a CONNECT is refused; every case is the client's mistake (400).
@@ -179,6 +203,12 @@ pub enum ResolveError {
         /// The port dialled.
         port: u16,
     },
+    /// The waypoint itself: the address it was reached on, or a replica of it.
+    #[error("{addr} is this waypoint's own address")]
+    OwnAddress {
+        /// The authority.
+        addr: SocketAddr,
+    },
     /// Neither a service VIP nor a workload of our namespace.
     #[error("{addr} is neither a service VIP nor a workload in namespace {namespace}")]
     UnknownDestination {
@@ -199,14 +229,19 @@ impl ResolveError {
     }
 }
 
-/// What the CONNECT authority `dst` names, for this waypoint.
+/// What the CONNECT authority `dst` names, for this waypoint, which was reached on
+/// `local` (the accepted connection's local address).
 pub fn resolve(
     snap: &Snapshot,
     waypoint: &Waypoint,
     dst: SocketAddr,
+    local: Option<IpAddr>,
 ) -> Result<Target, ResolveError> {
     if ports::is_reserved(dst.port()) {
         return Err(RequestError::ReservedPort(dst.port()).into());
+    }
+    if is_own_address(snap, waypoint, dst.ip(), local) {
+        return Err(ResolveError::OwnAddress { addr: dst });
     }
     if let Some((svc, _)) = snap.service_by_vip(dst.ip()) {
         let key = format!("{}/{}", svc.namespace, svc.name);
@@ -245,6 +280,27 @@ pub fn resolve(
             namespace: waypoint.namespace.clone(),
         }),
     }
+}
+
+/// Whether `ip` is this waypoint: where it was reached, or a workload that is one of its
+/// replicas (labelled with its name, or running as its identity). Other addresses need a
+/// workload or service in the config to be served at all.
+fn is_own_address(snap: &Snapshot, waypoint: &Waypoint, ip: IpAddr, local: Option<IpAddr>) -> bool {
+    if Some(ip) == local {
+        return true;
+    }
+    let Some(w) = snap.workload_by_ip(ip) else {
+        return false;
+    };
+    let replica = snap
+        .config
+        .waypoint(&waypoint.namespace, &waypoint.name)
+        .is_some_and(|wp| {
+            snap.config
+                .waypoint_workloads(wp)
+                .any(|r| std::ptr::eq(r, w))
+        });
+    replica || snap.config.identity_of(w).ok().as_ref() == Some(&waypoint.identity)
 }
 
 /// The endpoints of a target: a service's on its target port, or the workload itself.
@@ -332,6 +388,12 @@ async fn connection(
     ctx: Arc<Context>,
     drain: DrainWatcher,
 ) {
+    // The address the client reached us on: a CONNECT to it would loop back here. (As
+    // IPv4 when a dual-stack listener shows it v4-mapped, like the peer.)
+    let local = tcp
+        .local_addr()
+        .ok()
+        .map(|a| ambit_shared::listen::canonical(a).ip());
     let tls = match ctx
         .admission
         .tls_handshake(LISTENER, &acceptor, tcp, peer.ip())
@@ -370,6 +432,7 @@ async fn connection(
             tunnel(
                 incoming,
                 peer,
+                local,
                 peer_identity.clone(),
                 ctx.clone(),
                 drain.clone(),
@@ -393,14 +456,28 @@ async fn connection(
 async fn tunnel(
     incoming: Incoming,
     peer: SocketAddr,
+    local: Option<IpAddr>,
     peer_identity: Identity,
     ctx: Arc<Context>,
     drain: DrainWatcher,
 ) {
+    // Shed first: a refused tunnel should cost as little as possible.
+    let admission = match ctx
+        .overload
+        .admit(Resource::HboneStreams, Some(&peer_identity))
+    {
+        Ok(p) => p,
+        Err(shed) => {
+            warn!(status = 503, error = %shed, src.identity = %peer_identity,
+                "HBONE request refused: overloaded");
+            incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
     let snap = ctx.snapshot.borrow().clone();
     let resolved = parse_connect(&incoming.request)
         .map_err(ResolveError::from)
-        .and_then(|dst| resolve(&snap, &ctx.waypoint, dst).map(|t| (dst, t)));
+        .and_then(|dst| resolve(&snap, &ctx.waypoint, dst, local).map(|t| (dst, t)));
     let (dialled, target) = match resolved {
         Ok(r) => r,
         Err(e) => {
@@ -411,13 +488,9 @@ async fn tunnel(
             return;
         }
     };
-    let client = forwarded_client(&incoming.request).unwrap_or(peer);
-    let baggage = incoming
-        .request
-        .headers()
-        .get(BAGGAGE)
-        .and_then(|v| v.to_str().ok());
-    let source = Source::new(&snap, Some(client.ip()), &peer_identity, baggage);
+    // The tunnel's `baggage` is not read: metric labels come from the config only.
+    let forwarded = forwarded_client(&incoming.request);
+    let source = Source::new(&snap, &peer_identity, peer.ip(), forwarded.map(|f| f.ip()));
     let stream = match incoming.accept() {
         Ok(s) => s,
         Err(e) => {
@@ -429,9 +502,10 @@ async fn tunnel(
         ctx: ctx.clone(),
         target,
         source,
-        client,
         peer,
+        forwarded,
         dialled,
+        admission: Some(admission),
     });
     serve_stream(stream, down, drain).await;
 }

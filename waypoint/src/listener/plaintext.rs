@@ -18,6 +18,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::{Context, Downstream, resolve, serve_stream};
 use crate::metrics::Source;
+use crate::overload::Resource;
 
 /// Where the plaintext listener listens and what its connections dial.
 #[derive(Debug, Clone, Copy)]
@@ -104,21 +105,33 @@ async fn connection(
         warn!(%peer, "plaintext client is not a known workload; connection refused");
         return;
     };
-    let target = match resolve(&snap, &ctx.waypoint, dialled) {
+    let admission = match ctx.overload.admit(Resource::HboneStreams, Some(&principal)) {
+        Ok(p) => p,
+        Err(shed) => {
+            warn!(%peer, error = %shed, "plaintext connection refused: overloaded");
+            return;
+        }
+    };
+    let local = tcp
+        .local_addr()
+        .ok()
+        .map(|a| ambit_shared::listen::canonical(a).ip());
+    let target = match resolve(&snap, &ctx.waypoint, dialled, local) {
         Ok(t) => t,
         Err(e) => {
             warn!(error = %e, "plaintext target is not served here; connection refused");
             return;
         }
     };
-    let source = Source::new(&snap, Some(peer.ip()), &principal, None);
+    let source = Source::new(&snap, &principal, peer.ip(), None);
     let down = Arc::new(Downstream {
         ctx: ctx.clone(),
         target,
         source,
-        client: peer,
         peer,
+        forwarded: None,
         dialled,
+        admission: Some(admission),
     });
     serve_stream(tcp, down, drain).await;
 }

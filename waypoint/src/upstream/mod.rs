@@ -71,6 +71,10 @@ pub struct UpstreamConfig {
     /// kept for the waypoint's own work (reading its config and certificates). Default:
     /// no limit.
     pub fds: FdBudget,
+    /// Connections per destination service where no `TrafficPolicy` sets
+    /// `maxConnections`. Default [`destination::DEFAULT_MAX_CONNECTIONS`]; `None` is
+    /// unlimited.
+    pub default_max_connections: Option<u32>,
 }
 
 impl Default for UpstreamConfig {
@@ -80,6 +84,7 @@ impl Default for UpstreamConfig {
             body_cap: body::DEFAULT_CAP,
             clients: ClientConfig::default(),
             fds: FdBudget::unlimited(),
+            default_max_connections: Some(destination::DEFAULT_MAX_CONNECTIONS),
         }
     }
 }
@@ -156,6 +161,15 @@ pub enum AttemptError {
         /// Which limit.
         limit: Limit,
     },
+    /// The endpoint answered something the waypoint must not pass on (a protocol switch
+    /// nobody asked for): 502, flag `UPE`.
+    #[error("{addr} broke the protocol: {reason}")]
+    Protocol {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// What it did.
+        reason: String,
+    },
 }
 
 impl AttemptError {
@@ -187,6 +201,7 @@ impl AttemptError {
             AttemptError::Http { failure, .. } => *failure,
             AttemptError::Timeout { .. } => Failure::Timeout,
             AttemptError::Overflow { .. } => Failure::Overflow,
+            AttemptError::Protocol { .. } => Failure::Protocol,
         }
     }
 }
@@ -308,12 +323,15 @@ impl Upstream {
             "k8s.namespace.name={},k8s.deployment.name={waypoint_name}",
             identity.namespace()
         );
+        let destinations = Arc::new(Destinations::with_default_max_connections(
+            cfg.default_max_connections,
+        ));
         Upstream {
             clients: Clients::new(cfg.clients.clone()),
             cfg,
             pool,
             balancer: Balancer::default(),
-            destinations: Arc::default(),
+            destinations,
             resilience: Default::default(),
             budgets: Budgets::default(),
             identity,
