@@ -21,6 +21,7 @@
 //! - [`telemetry`]: Prometheus encoding and Istio label conventions shared by both proxies.
 //! - [`admin`]: the HTTP plumbing of the metrics, readiness and admin endpoints.
 //! - [`listen`]: binding listeners on both address families.
+//! - [`memory`]: returning freed memory to the OS after a burst.
 //! - [`logging`]: stderr logging, text or JSON, with a run-time filter handle.
 //!
 //! Feature flags: `testing` exposes helpers for tests; `cli` the command-line flags both
@@ -39,6 +40,7 @@ pub mod hbone;
 pub mod identity;
 pub mod listen;
 pub mod logging;
+pub mod memory;
 pub mod policy;
 pub mod rlimit;
 pub mod route;

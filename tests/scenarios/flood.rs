@@ -547,5 +547,16 @@ fn waypoint_survives_idle_and_partial_head_floods() -> Result<()> {
         peak_kib <= idle_kib + 512 * 1024,
         "waypoint grew from {idle_kib} KiB to {peak_kib} KiB"
     );
+    // The memory the floods took comes back (the allocator is trimmed every 10 s): RSS falls
+    // to within a quarter of the way from idle to the peak.
+    let settled = idle_kib + (peak_kib.saturating_sub(idle_kib)) / 4;
+    let back = harness::wait_until(Duration::from_secs(40), || {
+        rss_kib(pid).is_some_and(|kib| kib <= settled)
+    });
+    let end_kib = rss_kib(pid).unwrap_or_default();
+    eprintln!("waypoint RSS after the floods settled: {end_kib} KiB (idle {idle_kib}, peak {peak_kib})");
+    back.with_context(|| {
+        format!("waypoint RSS stayed at {end_kib} KiB after the floods (idle {idle_kib} KiB, peak {peak_kib} KiB)")
+    })?;
     Ok(())
 }

@@ -141,6 +141,8 @@ struct Extra {
 }
 
 async fn start_inner(settings: Settings, extra: Extra) -> anyhow::Result<Running> {
+    // Memory a burst of connections or requests took comes back once they are gone.
+    ambit_shared::memory::spawn_trim(ambit_shared::memory::DEFAULT_TRIM_PERIOD);
     let mut registry = Registry::default();
     let metrics = Metrics::with_max_series(&mut registry, settings.max_metric_series);
     let overload = Overload::new(settings.overload, &mut registry);

@@ -74,6 +74,8 @@ pub struct Settings {
 /// Runs the node tunnel until SIGTERM or SIGINT. `log` changes the log filter at run time
 /// (admin `/logging`).
 pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
+    // Memory a flood of connections took comes back once they are gone.
+    ambit_shared::memory::spawn_trim(ambit_shared::memory::DEFAULT_TRIM_PERIOD);
     let mut registry = Registry::default();
     // Read after main raised the open-files limit: the reserve is a share of it.
     let admission = Admission::new(settings.admission, &mut registry)?;
