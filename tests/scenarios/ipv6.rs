@@ -415,6 +415,20 @@ fn dual_stack_requests_services_and_dns_work_over_both_families() -> Result<()> 
         assert_tunnelled((&m.zt_a, ca), (zt_dst, cdst), to, &m, server)?;
     }
     let pcap = between.stop()?;
+    // Istio's TCP metrics name IPv6 peers like IPv4 ones: the requests so far were all IPv6.
+    for (node, reporter) in [(&m.a, "source"), (&m.b, "destination")] {
+        let url = format!("http://{}:15020/metrics", node.ip());
+        let page = node.run(node.command("curl").args(["-sS", "-m", "5", &url]), SHORT)?;
+        let page = String::from_utf8_lossy(&page.stdout).into_owned();
+        let found = page.lines().any(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains(&format!("reporter=\"{reporter}\""))
+                && l.contains("source_workload=\"client\"")
+                && l.contains("destination_workload=\"api\"")
+                && l.contains(&format!("source_principal=\"{}\"", m.client.identity()))
+        });
+        ensure!(found, "no {reporter} TCP metric for client → api over IPv6 on {}:\n{page}", node.name());
+    }
     let ports = tcp_ports_seen(&pcap);
     ensure!(
         ports.contains(&15008) && !ports.contains(&PORT),
