@@ -64,14 +64,10 @@ mod tests {
         // one in 64 that lives on (a few connections outlive a flood): the heap cannot
         // shrink from its top, only a trim returns the free pages between the survivors.
         let (peak, survivors) = std::thread::spawn(|| {
-            let mut blocks: Vec<Vec<u8>> =
-                (0..64 * 1024).map(|i| vec![i as u8; 1024]).collect();
+            let mut blocks: Vec<Vec<u8>> = (0..64 * 1024).map(|i| vec![i as u8; 1024]).collect();
             let peak = rss_kib();
-            let survivors: Vec<Vec<u8>> = blocks
-                .iter_mut()
-                .step_by(64)
-                .map(std::mem::take)
-                .collect();
+            let survivors: Vec<Vec<u8>> =
+                blocks.iter_mut().step_by(64).map(std::mem::take).collect();
             drop(blocks);
             (peak, survivors)
         })

@@ -554,7 +554,9 @@ fn waypoint_survives_idle_and_partial_head_floods() -> Result<()> {
         rss_kib(pid).is_some_and(|kib| kib <= settled)
     });
     let end_kib = rss_kib(pid).unwrap_or_default();
-    eprintln!("waypoint RSS after the floods settled: {end_kib} KiB (idle {idle_kib}, peak {peak_kib})");
+    eprintln!(
+        "waypoint RSS after the floods settled: {end_kib} KiB (idle {idle_kib}, peak {peak_kib})"
+    );
     back.with_context(|| {
         format!("waypoint RSS stayed at {end_kib} KiB after the floods (idle {idle_kib} KiB, peak {peak_kib} KiB)")
     })?;

@@ -427,7 +427,11 @@ fn dual_stack_requests_services_and_dns_work_over_both_families() -> Result<()> 
                 && l.contains("destination_workload=\"api\"")
                 && l.contains(&format!("source_principal=\"{}\"", m.client.identity()))
         });
-        ensure!(found, "no {reporter} TCP metric for client → api over IPv6 on {}:\n{page}", node.name());
+        ensure!(
+            found,
+            "no {reporter} TCP metric for client → api over IPv6 on {}:\n{page}",
+            node.name()
+        );
     }
     let ports = tcp_ports_seen(&pcap);
     ensure!(
@@ -582,10 +586,12 @@ fn a_crashed_ztunnel_fails_ipv6_closed_and_a_restart_restores_it() -> Result<()>
     harness::skip_or_fail!(Ok(()));
     let mut m = mesh(IpFamilies::DualStack)?;
     let to = v6(&m.api);
+    let (ca, cb) = (m.zt_a.log_cursor(), m.zt_b.log_cursor());
     ensure!(matches!(
         request(&m.client, to, "crash-before")?,
         Outcome::Served(_)
     ));
+    assert_tunnelled((&m.zt_a, ca), (&m.zt_b, cb), to, &m, &m.api)?;
     m.zt_a.kill9()?;
     let bridge = m.a.capture(harness::cluster::NODE_BRIDGE)?;
     for (case, dst) in [("ipv6", to), ("link-local", link_local(&m.client, &m.web)?)] {
@@ -607,11 +613,14 @@ fn a_crashed_ztunnel_fails_ipv6_closed_and_a_restart_restores_it() -> Result<()>
     );
     m.zt_a.restart()?;
     m.zt_a.wait_ready(LONG)?;
+    let (ca, cb) = (m.zt_a.log_cursor(), m.zt_b.log_cursor());
     let back = harness::wait_until(
         LONG,
         || matches!(request(&m.client, to, "crash-after"), Ok(Outcome::Served(ref n)) if n == "api"),
     );
     back.context("IPv6 traffic did not come back after the restart")?;
+    // Back through the tunnel, not around it.
+    assert_tunnelled((&m.zt_a, ca), (&m.zt_b, cb), to, &m, &m.api)?;
     Ok(())
 }
 
