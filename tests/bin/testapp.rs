@@ -470,7 +470,12 @@ async fn serve_http(
     let prng = std::sync::Arc::new(parking_lot::Mutex::new(Prng::new(seed)));
     loop {
         let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
+            // A server on `[::]` takes both families and sees IPv4 peers v4-mapped; report
+            // them as the IPv4 addresses they are.
+            Ok((stream, peer)) => (
+                stream,
+                SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+            ),
             Err(e) => {
                 eprintln!("ambit-testapp: accept: {e}");
                 tokio::time::sleep(Duration::from_millis(10)).await;

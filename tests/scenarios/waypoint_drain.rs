@@ -132,10 +132,7 @@ fn world(replicas: usize) -> Result<World> {
         .arg("18000")
         .arg("--max-connections-per-source")
         .arg("12000");
-    let zt = vec![
-        a.start_ztunnel(&zt_opts)?,
-        b.start_ztunnel(&zt_opts)?,
-    ];
+    let zt = vec![a.start_ztunnel(&zt_opts)?, b.start_ztunnel(&zt_opts)?];
     for z in &zt {
         z.wait_ready(LONG)?;
     }
