@@ -254,6 +254,10 @@ enum CaCommand {
         /// Lifetime.
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// Sign an identity outside the CA's trust domain (tests of peers' trust-domain
+        /// checks need one); refused by default.
+        #[arg(long)]
+        allow_foreign_trust_domain: bool,
     },
     /// Trust-anchor rotation, step 1 of 3: stage a new root and issuer in DIR/next and add
     /// the new root to bundle.pem. Wait until every node has reloaded the bundle.
@@ -346,8 +350,13 @@ fn main() -> anyhow::Result<()> {
             identity,
             out,
             ttl,
+            allow_foreign_trust_domain,
         }) => {
             let ca = LocalCa::load(&CaPaths::new(&dir))?;
+            if !allow_foreign_trust_domain {
+                ca.check_own_trust_domain(&identity)
+                    .context("pass --allow-foreign-trust-domain to sign it anyway")?;
+            }
             let issued = ca.issue(&identity, ttl)?;
             ca::write_issued(&out, &issued)?;
             println!(

@@ -165,6 +165,7 @@ pub fn validate_config(config: &Config) -> Result<(), InvalidField> {
 }
 
 fn validate(c: &Config) -> Result<(), Invalid> {
+    check_text(c)?;
     validate_component("trust domain", &c.trust_domain)
         .map_err(|e| ("trustDomain".into(), e.to_string()))?;
 
@@ -385,6 +386,72 @@ fn validate_service(
         (Some(_), None) => {}
     }
     Ok(())
+}
+
+/// Refuses control characters (C0, DEL, C1) and the Unicode bidirectional overrides in
+/// every string of the config, keys included. None has a use in a name, label, path, header
+/// or pattern, and each can forge or hide text in logs, metrics and `config_dump` (a
+/// newline in a label value starts a fake log line; U+202E reverses what follows). Only
+/// Kubernetes annotations, free text that tools write (kubectl's
+/// `last-applied-configuration` ends in a newline), may hold tabs and line breaks.
+fn check_text(c: &Config) -> Result<(), Invalid> {
+    // The serialized form has exactly the field names a user wrote, so the path matches
+    // the one serde reports for parse errors.
+    let value = serde_json::to_value(c)
+        .map_err(|e| (String::new(), format!("cannot inspect the config: {e}")))?;
+    let mut path = String::new();
+    walk_text(&value, &mut path, false)
+}
+
+fn walk_text(v: &serde_json::Value, path: &mut String, free_text: bool) -> Result<(), Invalid> {
+    let len = path.len();
+    let result = match v {
+        serde_json::Value::String(s) => check_chars(s, free_text).map_err(|e| (path.clone(), e)),
+        serde_json::Value::Array(items) => items.iter().enumerate().try_for_each(|(i, item)| {
+            path.truncate(len);
+            path.push_str(&format!("[{i}]"));
+            walk_text(item, path, false)
+        }),
+        serde_json::Value::Object(fields) => fields.iter().try_for_each(|(k, item)| {
+            path.truncate(len);
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(k);
+            check_chars(k, false).map_err(|e| (path.clone(), format!("in the key: {e}")))?;
+            let annotations = k == "annotations" && path.ends_with("metadata.annotations");
+            match (annotations, item) {
+                (true, serde_json::Value::Object(notes)) => {
+                    notes.iter().try_for_each(|(name, note)| {
+                        path.truncate(len);
+                        path.push_str(&format!(".{k}.{name}"));
+                        check_chars(name, false)
+                            .map_err(|e| (path.clone(), format!("in the key: {e}")))?;
+                        walk_text(note, path, true)
+                    })
+                }
+                _ => walk_text(item, path, false),
+            }
+        }),
+        _ => Ok(()),
+    };
+    path.truncate(len);
+    result
+}
+
+fn check_chars(s: &str, free_text: bool) -> Result<(), String> {
+    let bad = s.chars().find(|&ch| {
+        let allowed = free_text && matches!(ch, '\t' | '\n' | '\r');
+        !allowed
+            && (ch.is_control() || matches!(ch, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
+    });
+    match bad {
+        Some(ch) => Err(format!(
+            "control character U+{:04X} is not allowed here",
+            u32::from(ch)
+        )),
+        None => Ok(()),
+    }
 }
 
 fn check_mode_label(labels: &BTreeMap<String, String>, at: &str) -> Result<(), Invalid> {

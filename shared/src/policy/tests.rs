@@ -313,6 +313,52 @@ fn compile_errors_name_the_field() {
     let _ = (BTreeMap::<String, String>::new(), Rule::default());
 }
 
+#[test]
+fn principals_must_be_spiffe_ids_or_patterns_one_could_match() {
+    let compile_principal = |p: &str| {
+        let yaml =
+            format!("{{name: x, action: DENY, rules: [{{from: [{{notPrincipals: ['{p}']}}]}}]}}");
+        let policy: AuthorizationPolicy = serde_yaml_ng::from_str(&yaml).expect("yaml");
+        compile(&policy).map(|_| ())
+    };
+    for good in [
+        "*",
+        "spiffe://cluster.local/ns/shop/sa/web",
+        "spiffe://cluster.local/ns/shop/*",
+        "spiffe://cluster.local/ns/shop/sa/*",
+        "spiffe://cluster.local/*",
+        "spiffe://*",
+        "*/sa/batch",
+        "*/ns/shop/sa/web",
+        "*.local/ns/shop/sa/web",
+        "*-api",
+    ] {
+        compile_principal(good).unwrap_or_else(|e| panic!("{good}: {e:?}"));
+    }
+    for bad in [
+        // Istio's form, without the scheme: it would never match.
+        "cluster.local/ns/shop/sa/web",
+        "cluster.local/ns/shop/*",
+        "spiffe://cluster.local/ns/shop",
+        "spiffe://cluster.local/ns/Shop/sa/web",
+        "spiffe://cluster.local/namespace/shop/*",
+        "spiffe://cluster.local/ns/shop/sa/web/extra",
+        "*/sa/Batch",
+        "*/x/y/z/a/b/c/d",
+        "*/sa/web-",
+        "web",
+    ] {
+        let (field, reason) = compile_principal(bad).expect_err(bad);
+        assert_eq!(field, "rules[0].from[0].notPrincipals[0]", "{bad}");
+        assert!(reason.contains("SPIFFE"), "{bad}: {reason}");
+    }
+    let (_, reason) = compile_principal("cluster.local/ns/shop/sa/web").expect_err("istio form");
+    assert!(
+        reason.contains("did you mean `spiffe://cluster.local/ns/shop/sa/web`"),
+        "{reason}"
+    );
+}
+
 // === L7 ===
 
 #[test]

@@ -5,6 +5,14 @@ const GOOD: &str = "trustDomain: cluster.local\nnamespaces: [{name: shop}]\n";
 const GOOD2: &str = "trustDomain: example.org\nnamespaces: [{name: shop}]\n";
 const BAD: &str = "trustDomain: cluster.local\nbogus: 1\n";
 
+/// Replaces `path` atomically, as config management does: a reader never sees a
+/// half-written file (`std::fs::write` truncates first, so a poll could read it empty).
+fn replace(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
 /// A watcher on a temporary file, polling every 10 ms, recording every outcome.
 struct Harness {
     _dir: tempfile::TempDir,
@@ -62,12 +70,12 @@ impl Drop for Harness {
 #[tokio::test]
 async fn applies_good_changes_and_keeps_the_last_good_one() {
     let mut h = Harness::start(GOOD, Limits::default());
-    std::fs::write(&h.path, BAD).expect("write");
+    replace(&h.path, BAD);
     h.wait(1).await;
     assert_eq!(h.seen.lock()[0], ReloadOutcome::Refused);
     assert_eq!(h.rx.borrow_and_update().trust_domain, "cluster.local");
 
-    std::fs::write(&h.path, GOOD2).expect("write");
+    replace(&h.path, GOOD2);
     tokio::time::timeout(Duration::from_secs(5), h.rx.changed())
         .await
         .expect("change published")
@@ -85,11 +93,11 @@ async fn oversized_and_deep_files_are_refused_once_each_and_the_last_good_stays(
     let h = Harness::start(GOOD, limits);
     // Larger than the cap: refused from its size alone.
     let big = format!("{GOOD}# {}\n", "x".repeat(8192));
-    std::fs::write(&h.path, &big).expect("write");
+    replace(&h.path, &big);
     h.wait(1).await;
     // Nested deeper than the cap, in a small file.
     let deep = format!("{GOOD}x: {}{}\n", "[".repeat(100), "]".repeat(100));
-    std::fs::write(&h.path, &deep).expect("write");
+    replace(&h.path, &deep);
     h.wait(2).await;
     // Unchanged bad files are not re-read, so not reported again.
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -100,7 +108,7 @@ async fn oversized_and_deep_files_are_refused_once_each_and_the_last_good_stays(
     );
     assert_eq!(h.rx.borrow().trust_domain, "cluster.local");
 
-    std::fs::write(&h.path, GOOD2).expect("write");
+    replace(&h.path, GOOD2);
     h.wait(3).await;
     assert_eq!(h.seen.lock()[2], ReloadOutcome::Applied);
     assert_eq!(h.rx.borrow().trust_domain, "example.org");
@@ -110,7 +118,7 @@ async fn oversized_and_deep_files_are_refused_once_each_and_the_last_good_stays(
 async fn an_unchanged_rewrite_is_not_a_reload_and_a_missing_file_is_reported_once() {
     let h = Harness::start(GOOD, Limits::default());
     // Same bytes, new metadata: read and hashed, but not parsed or reported.
-    std::fs::write(&h.path, GOOD).expect("write");
+    replace(&h.path, GOOD);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(h.seen.lock().is_empty(), "{:?}", h.seen.lock());
 
@@ -119,7 +127,7 @@ async fn an_unchanged_rewrite_is_not_a_reload_and_a_missing_file_is_reported_onc
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(*h.seen.lock(), [ReloadOutcome::Refused]);
     // Back with the content in force: nothing changed, nothing to report.
-    std::fs::write(&h.path, GOOD).expect("write");
+    replace(&h.path, GOOD);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(*h.seen.lock(), [ReloadOutcome::Refused]);
     assert_eq!(h.rx.borrow().trust_domain, "cluster.local");
