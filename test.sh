@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 tests/scripts/setup-host.sh
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 cargo test --workspace
+# Every fuzz target for 10 s (coverage-guided, libFuzzer); any finding fails the run.
+tests/scripts/fuzz.sh 10

@@ -20,7 +20,8 @@
 //! - [`admin`]: the HTTP plumbing of the metrics, readiness and admin endpoints.
 //! - [`logging`]: stderr logging, text or JSON, with a run-time filter handle.
 //!
-//! Feature flags: `testing` exposes helpers for tests.
+//! Feature flags: `testing` exposes helpers for tests; `fuzzing` exposes [`fuzzing`], the
+//! entry points of the fuzz targets in `fuzz/`.
 #![deny(missing_docs)]
 
 pub mod admin;
@@ -30,6 +31,8 @@ pub mod certs;
 pub mod config;
 pub mod copy;
 pub mod drain;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod hbone;
 pub mod identity;
 pub mod logging;

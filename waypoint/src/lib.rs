@@ -22,6 +22,8 @@ pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod filters;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod listener;
 pub mod metrics;
 pub mod resilience;

@@ -1,4 +1,8 @@
 //! `ztunnel`: Ambit's node tunnel.
+//!
+//! Built as a library whose [`main`] the `ztunnel` binary calls, so that the fuzz targets
+//! (the `fuzzing` feature, see `fuzz/` at the repository root) reach its parsers; the
+//! modules themselves stay private.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,6 +21,8 @@ mod capture;
 mod cni;
 mod dns;
 mod enroll;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 mod metrics;
 mod proxy;
 mod signer;
@@ -315,7 +321,9 @@ fn print_cert(what: &str, c: &CertInfo, now: time::OffsetDateTime) {
     );
 }
 
-fn main() -> anyhow::Result<()> {
+/// The `ztunnel` command line: every subcommand, and the CNI plugin when run as
+/// `ambit-cni`.
+pub fn main() -> anyhow::Result<()> {
     // Runtimes call a CNI plugin by file name with no arguments, and read only its stdout.
     if std::env::args_os()
         .next()
