@@ -110,6 +110,9 @@ fn reference(stream: &[u8]) -> Vec<(usize, u8)> {
         else {
             return found;
         };
+        if next >= stream.len() {
+            return found;
+        }
         at = next;
     }
 }

@@ -33,7 +33,23 @@ pub enum Form {
 /// Normalizes `raw` (a request target's path, with or without its query) into `form`.
 /// Borrows when nothing changes, which is the common case. A path that does not start
 /// with `/` (`*`, for `OPTIONS *`) is returned without its query, otherwise unchanged.
+///
+/// The [`Form::Forward`] of a path always normalizes to its [`Form::Match`]: where keeping
+/// an encoded slash or a backslash would make a `..` remove a different segment than it
+/// did for matching (`/x%2Fy/../admin` is `/x/admin` to the rules, but was forwarded as
+/// `/admin`, found by the `path` fuzz target), the matched form is forwarded instead.
 pub fn normalize(raw: &str, form: Form) -> Cow<'_, str> {
+    let out = normalize_form(raw, form);
+    if form == Form::Forward && matches!(out, Cow::Owned(_)) {
+        let matched = normalize_form(raw, Form::Match);
+        if normalize_form(&out, Form::Match) != matched {
+            return Cow::Owned(matched.into_owned());
+        }
+    }
+    out
+}
+
+fn normalize_form(raw: &str, form: Form) -> Cow<'_, str> {
     let path = raw.split(['?', '#']).next().unwrap_or_default();
     if !path.starts_with('/') || is_normal(path, form) {
         return Cow::Borrowed(path);

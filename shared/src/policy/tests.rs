@@ -991,3 +991,26 @@ authorizationPolicies:
     assert!(err.reason.contains("request.header[x-a]"), "{err}");
     assert!(err.to_string().contains("mesh.yaml"), "{err}");
 }
+
+/// Found by the `path` fuzz target: a `..` after an encoded slash or a backslash removed
+/// a different segment in the forwarded form than in the matched one, so `/x%2Fy/../admin`
+/// was authorised as `/x/admin` and forwarded as `/admin`, past a DENY on `/admin`.
+#[test]
+fn forwarded_paths_are_the_authorised_ones_after_dot_segments() {
+    use path::{Form, normalize};
+    for raw in [
+        "/x%2Fy/../admin",
+        "/x%2fy/../admin",
+        "/x\\y/../admin",
+        "/x%5Cy/../admin",
+    ] {
+        assert_eq!(normalize(raw, Form::Match), "/x/admin", "{raw}");
+        assert_eq!(normalize(raw, Form::Forward), "/x/admin", "{raw}");
+    }
+    // Without dot segments, encoded slashes are still forwarded as sent.
+    assert_eq!(normalize("/files/a%2Fb", Form::Forward), "/files/a%2Fb");
+    assert_eq!(
+        normalize("/files/a%2Fb/./c", Form::Forward),
+        "/files/a%2Fb/c"
+    );
+}
