@@ -148,13 +148,15 @@ impl World {
     /// `ambit_config_reloads_total{result}` of ztunnel (node address) and the waypoint.
     fn reloads(&self, result: &str) -> Result<(u64, u64)> {
         let zt_url = format!("http://{}:15020/metrics", self.node.ip());
-        let zt = self
+        let out = self
             .node
-            .run_ok(
+            .run(
                 self.node.command("curl").args(["-sS", "-m", "10", &zt_url]),
                 Duration::from_secs(15),
             )
             .context("scraping ztunnel")?;
+        ensure!(out.status.success(), "scraping {zt_url}: {out:?}");
+        let zt = String::from_utf8_lossy(&out.stdout).into_owned();
         let wp = self
             .wp
             .run_ok(

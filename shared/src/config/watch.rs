@@ -133,6 +133,11 @@ pub async fn watch_file_with<F>(
     }
 }
 
+/// Milliseconds since `started`, as a number in JSON logs (a `u128` is logged as text).
+fn millis(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// What identifies one version of the file without reading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Fingerprint {
@@ -248,7 +253,7 @@ impl<F: Fn(ReloadOutcome)> Watcher<F> {
             Ok(c) => {
                 (self.observe)(ReloadOutcome::Applied);
                 info!(path = %self.path.display(), workloads = c.workloads.len(),
-                    services = c.services.len(), elapsed_ms = started.elapsed().as_millis(),
+                    services = c.services.len(), elapsed_ms = millis(started),
                     "config reloaded");
                 self.tx.send_replace(Arc::new(c));
             }
@@ -259,7 +264,7 @@ impl<F: Fn(ReloadOutcome)> Watcher<F> {
     fn refused(&self, e: &ConfigError, started: Instant) {
         (self.observe)(ReloadOutcome::Refused);
         error!(file = %e.file.display(), field = %e.field, reason = %e.reason,
-            elapsed_ms = started.elapsed().as_millis(),
+            elapsed_ms = millis(started),
             "invalid config refused; keeping the last good config");
     }
 
