@@ -160,11 +160,11 @@ fn socket_addr(input: &mut Input<'_>) -> SocketAddr {
     let mut addr = SocketAddr::new(ip, input.u16());
     // Link-local IPv6 sockets carry a scope (interface) ID and flow info; accepted sockets
     // report them.
-    if let SocketAddr::V6(v6) = &mut addr {
-        if kind & 2 != 0 {
-            v6.set_scope_id(u32::from(input.u16()));
-            v6.set_flowinfo(u32::from(input.byte()));
-        }
+    if let SocketAddr::V6(v6) = &mut addr
+        && kind & 2 != 0
+    {
+        v6.set_scope_id(u32::from(input.u16()));
+        v6.set_flowinfo(u32::from(input.byte()));
     }
     addr
 }

@@ -249,7 +249,7 @@ fn deep_and_huge_files_are_refused_fast_and_traffic_is_unaffected() -> Result<()
     let written = Instant::now();
     replace_config(&path, &good, |f| {
         let depth = 100_000;
-        write!(f, "x: {}{}\n", "[".repeat(depth), "]".repeat(depth))?;
+        writeln!(f, "x: {}{}", "[".repeat(depth), "]".repeat(depth))?;
         Ok(())
     })?;
     w.requests_succeed(REQUESTS, "with the deep file in place")?;

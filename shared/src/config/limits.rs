@@ -359,10 +359,12 @@ impl Scan {
                     // Anchors and tags come before the node they name: the node still
                     // starts after them.
                     b'&' | b'!' if node_start(*prev) => {
-                        while b.get(*i + 1).is_some_and(|&c| {
-                            !matches!(c, b' ' | b'\t' | b'\r')
-                                && !(self.flow > 0 && matches!(c, b',' | b'[' | b']' | b'{' | b'}'))
-                        }) {
+                        // The name ends at a blank (or, in flow, at an indicator).
+                        let ends = |c: u8| {
+                            matches!(c, b' ' | b'\t' | b'\r')
+                                || (self.flow > 0 && matches!(c, b',' | b'[' | b']' | b'{' | b'}'))
+                        };
+                        while b.get(*i + 1).is_some_and(|&c| !ends(c)) {
                             *i += 1;
                         }
                     }
