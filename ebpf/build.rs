@@ -53,7 +53,15 @@ fn main() {
         _ => "bpfel",
     };
 
-    let mut include_args = vec![format!("-I{}", bpf_dir.display())];
+    // The capture contract's numbers, generated from the one Rust source.
+    let contract = out_dir.join("contract.h");
+    std::fs::write(&contract, ambit_capture_contract::c_header())
+        .unwrap_or_else(|e| fail(&format!("writing {}: {e}", contract.display())));
+
+    let mut include_args = vec![
+        format!("-I{}", bpf_dir.display()),
+        format!("-I{}", out_dir.display()),
+    ];
     // <linux/types.h> includes <asm/types.h>, which Debian-style systems keep
     // in the multiarch directory that clang does not search for `-target bpf`.
     if let Some(dir) = multiarch_include_dir() {

@@ -1,7 +1,7 @@
 //! The crate's one error type. Each variant carries what a human needs to
 //! act: the path, map, program or pod involved, and the underlying cause.
 
-use std::{io, net::IpAddr, path::PathBuf};
+use std::{fmt, io, net::IpAddr, path::PathBuf};
 
 use aya::{
     EbpfError,
@@ -154,10 +154,10 @@ pub enum Error {
     },
 
     /// A map update for one pod failed.
-    #[error("pod {pod_ip}: {action} in map {map}: {source}")]
+    #[error("{pod}: {action} in map {map}: {source}")]
     PodMap {
         /// The pod.
-        pod_ip: IpAddr,
+        pod: PodId,
         /// Map name.
         map: &'static str,
         /// What was being done (and any hint).
@@ -167,11 +167,11 @@ pub enum Error {
         source: Box<MapError>,
     },
 
-    /// A pod's listener or netns handle is not what enrollment needs.
-    #[error("pod {pod_ip}: {problem}")]
+    /// A pod's listener, address or netns handle is not what enrollment needs.
+    #[error("{pod}: {problem}")]
     Pod {
         /// The pod.
-        pod_ip: IpAddr,
+        pod: PodId,
         /// What is wrong.
         problem: String,
     },
@@ -183,4 +183,22 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+/// Names a pod in errors: its netns cookie, and an address when one is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodId {
+    /// The pod's netns cookie.
+    pub netns_cookie: u64,
+    /// One of its addresses (the primary one where there is one).
+    pub addr: Option<IpAddr>,
+}
+
+impl fmt::Display for PodId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            Some(addr) => write!(f, "pod {addr} (netns cookie {})", self.netns_cookie),
+            None => write!(f, "pod with netns cookie {}", self.netns_cookie),
+        }
+    }
 }

@@ -8,20 +8,21 @@
 //!   [`ZTUNNEL_MARK`], and loopback or pod-local destinations, are left alone).
 //! - A policy route in the pod netns loops those marked SYNs through `lo`.
 //! - `sk_lookup`, one link per pod netns, hands them to the pod's
-//!   [`OUTBOUND_PORT`] listener, and hands connections arriving for the pod
-//!   IP to its [`INBOUND_PORT`] listener (except [`HBONE_PORT`] and
-//!   ztunnel's own deliveries from [`DELIVERY_ADDR`]).
+//!   [`OUTBOUND_PORT`] listener of their family, and hands connections
+//!   arriving for any of the pod's addresses to its [`INBOUND_PORT`] listener
+//!   (except [`HBONE_PORT`] and ztunnel's own deliveries, from
+//!   [`contract::DELIVERY_ADDR_V4`] or, over IPv6, from the pod's own address).
 //!
 //! The accepted socket's `local_addr()` is the original destination, and the
 //! listener that accepted it tells which pod it came from.
 //!
 //! DNS is the one exception to "no rewriting": the connect hooks and
 //! `cgroup/sendmsg4|6` send a pod's UDP and TCP queries to port 53 to its DNS
-//! proxy on `127.0.0.1:`[`DNS_PROXY_PORT`] (registered with
+//! proxy on loopback:[`DNS_PROXY_PORT`] of their family (registered with
 //! [`Capture::enroll_dns`]), and `cgroup/recvmsg4|6` and
 //! `cgroup/getpeername4|6` show the server the app asked in place of the
-//! proxy's address (and `cgroup/getsockname4|6` the pod IP in place of
-//! 127.0.0.1, for apps that learn their address from a UDP socket connected
+//! proxy's address (and `cgroup/getsockname4|6` the pod's address in place
+//! of loopback, for apps that learn their address from a UDP socket connected
 //! to a DNS server). Why rewriting rather than marking, as TCP does: a mark
 //! set from `sendmsg` applies from the next datagram on, so the first query
 //! of an unconnected socket (musl, many stub resolvers) would escape; and
@@ -31,40 +32,52 @@
 //!
 //! # What ztunnel must set up per pod (this crate does not)
 //!
-//! In the pod netns, before [`Capture::enroll`]:
+//! In the pod netns, before [`Capture::enroll`], for both families (the IPv6
+//! pair also when the pod has no routable IPv6 address, as a backstop):
 //!
 //! ```text
 //! ip rule add fwmark 0x1000/0x1000 lookup 100 priority 100
-//! ip route add local 0.0.0.0/0 dev lo table 100 src <podIP>
+//! ip route add local 0.0.0.0/0 dev lo table 100 src <pod IPv4>
 //! ip -6 rule add fwmark 0x1000/0x1000 lookup 100 priority 100
-//! ip -6 route add local ::/0 dev lo table 100
+//! ip -6 route add local ::/0 dev lo table 100 src <pod IPv6>
 //! ```
 //!
-//! - `src <podIP>` is required: without it the kernel takes the destination
-//!   as the source of the looped SYN and `connect()` fails with
-//!   `ENETUNREACH`.
-//! - The two `-6` lines are required too, although there is no IPv6
-//!   listener yet: connect6 marks native IPv6 sockets, and without a v6 rule
-//!   the mark does nothing and the connection leaves the pod uncaptured.
-//!   With them, native IPv6 fails closed. (v4-mapped destinations on
-//!   dual-stack sockets are captured like IPv4.)
+//! (ztunnel does it over rtnetlink; the numbers are in [`contract`].)
 //!
-//! And three listeners, created inside the pod netns (a thread that did
-//! `setns`), each with `SO_MARK` [`ZTUNNEL_MARK`]:
+//! - `src` is required: without it the kernel takes the destination as the
+//!   source of the looped SYN and `connect()` fails with `ENETUNREACH`.
+//! - Without the rule of a family the mark does nothing and that family's
+//!   connections leave the pod uncaptured; the connect hooks refuse a family
+//!   the pod is not enrolled on, but the rules must be there regardless.
 //!
-//! - `127.0.0.1:15001` with `IP_TRANSPARENT`: its SYN-ACKs come from the
-//!   original, non-local destination, and without `IP_TRANSPARENT` the kernel
-//!   cannot route them (the client's connect times out).
-//! - `127.0.0.1:15006`.
-//! - `0.0.0.0:15008`.
+//! And, per family the pod has, listeners created inside the pod netns (a
+//! thread that did `setns`), each with `SO_MARK` [`ZTUNNEL_MARK`]:
 //!
-//! For DNS, a UDP socket and a TCP listener on `127.0.0.1:15053` (also
-//! marked, nothing else needed), the UDP one registered with
+//! - `127.0.0.1:15001` with `IP_TRANSPARENT` (`[::1]:15001` with
+//!   `IPV6_TRANSPARENT`, `IPV6_V6ONLY`): its SYN-ACKs come from the original,
+//!   non-local destination, and without transparency the kernel cannot route
+//!   them (the client's connect times out).
+//! - `127.0.0.1:15006` (`[::1]:15006`).
+//! - `0.0.0.0:15008` (`[::]:15008`, `IPV6_V6ONLY`).
+//!
+//! For DNS, per family a UDP socket and a TCP listener on loopback:15053
+//! (also marked, nothing else needed), the UDP ones registered with
 //! [`Capture::enroll_dns`] before [`Capture::enroll`].
 //!
-//! [`Capture::enroll`] checks that both sockhash listeners live in the pod's
-//! netns. Reuseport groups are fine; the program assigns the exact socket
-//! that was enrolled.
+//! [`Capture::enroll`] registers every address of the pod (link-local ones
+//! included) and checks that the listeners live in the pod's netns. Reuseport
+//! groups are fine; the program assigns the exact socket that was enrolled.
+//!
+//! # Fail closed on every family
+//!
+//! - A pod is captured on a family only if it has a routable address of that
+//!   family; otherwise that family's connections are refused (`EPERM`).
+//! - Link-local destinations are always refused: they cannot be tunnelled.
+//! - Inbound connections to any registered address go to the family's 15006
+//!   listener; ones to an address of the pod that is not registered (added
+//!   after enrollment) are dropped.
+//! - A captured SYN from an address that is not registered is dropped,
+//!   never handed to a local listener.
 //!
 //! Maps and links are pinned on bpffs, so when ztunnel dies the capture stays
 //! on and fails closed: no SYN leaves the pod. It also fails fast: the kernel
@@ -97,36 +110,15 @@ mod loader;
 mod maps;
 mod sys;
 
-pub use error::Error;
-pub use loader::{Capture, CaptureConfig, DnsCapture, PodCapture};
+pub use ambit_capture_contract as contract;
+pub use contract::{
+    CAPTURE_MARK, CAPTURE_ROUTE_TABLE, CAPTURE_RULE_PRIORITY, DNS_PORT, DNS_PROXY_PORT, HBONE_PORT,
+    INBOUND_PORT, MAX_ADDRS_PER_POD, MAX_PODS, OUTBOUND_PORT, ZTUNNEL_MARK,
+};
+pub use error::{Error, PodId};
+pub use loader::{Capture, CaptureConfig, DnsCapture, EnrolledPod, FamilyCapture, PodCapture};
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::BorrowedFd;
-
-/// `SO_MARK` on every socket ztunnel owns; the connect hooks never capture it.
-pub const ZTUNNEL_MARK: u32 = 0x539;
-/// `SO_MARK` bit the connect hooks set on captured sockets.
-pub const CAPTURE_MARK: u32 = 0x1000;
-/// Port of the per-pod outbound listener (`127.0.0.1`, `IP_TRANSPARENT`).
-pub const OUTBOUND_PORT: u16 = 15001;
-/// Port of the per-pod inbound plaintext listener (`127.0.0.1`).
-pub const INBOUND_PORT: u16 = 15006;
-/// HBONE port; inbound connections to it are never redirected.
-pub const HBONE_PORT: u16 = 15008;
-/// Port of the per-pod DNS proxy (`127.0.0.1`, UDP and TCP).
-pub const DNS_PROXY_PORT: u16 = 15053;
-/// Queries (UDP and TCP) to this port are redirected to the DNS proxy.
-pub const DNS_PORT: u16 = 53;
-/// Where redirected DNS queries go inside the pod netns.
-pub const DNS_PROXY_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-/// Source address ztunnel binds when it delivers inbound traffic to the app.
-pub const DELIVERY_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
-/// Routing table that holds the capture `local` route in each pod netns.
-pub const CAPTURE_ROUTE_TABLE: u32 = 100;
-/// Priority of the `fwmark` rule that selects [`CAPTURE_ROUTE_TABLE`].
-pub const CAPTURE_RULE_PRIORITY: u32 = 100;
-/// Most pods one [`Capture`] can enroll (size of every map).
-pub const MAX_PODS: u32 = 4096;
 
 /// The `SO_NETNS_COOKIE` of a socket: a socket created inside a network
 /// namespace tells that namespace's cookie, which is what the connect hooks

@@ -8,7 +8,7 @@
 //!                 dns_listeners,dns_origins}
 //! <pin_dir>/links/{connect,sendmsg,recvmsg,getpeername,getsockname}{4,6}
 //!                                                 (cgroup links)
-//! <pin_dir>/links/sk_lookup_10_1_2_3              (one netns link per pod)
+//! <pin_dir>/links/sk_lookup_<netns cookie>         (one netns link per pod)
 //! ```
 //!
 //! bpffs is the source of truth: a `Capture` holds no link fds, so whatever
@@ -39,6 +39,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     Error,
+    error::PodId,
     maps::{self, CaptureMaps, EnrolledValue, IpKey, PodValue},
     sys::{self, LinkTarget},
 };
@@ -82,33 +83,61 @@ pub struct CaptureConfig {
     pub cgroup: PathBuf,
 }
 
-/// One pod to enroll: its identity and the listeners ztunnel opened inside
-/// its network namespace.
+/// One pod to enroll: its netns and, per address family, its addresses and
+/// the listeners ztunnel opened inside its network namespace.
 #[derive(Debug, Clone, Copy)]
 pub struct PodCapture<'a> {
-    /// The pod IP (the `src` of the pod's capture route).
-    pub pod_ip: IpAddr,
     /// The pod's network namespace (e.g. an open `/proc/<pid>/ns/net`).
     pub netns: BorrowedFd<'a>,
     /// The netns cookie, e.g. [`crate::netns_cookie`] of a socket made in it.
     pub netns_cookie: u64,
-    /// The listening `127.0.0.1:15001` socket (`IP_TRANSPARENT`, `SO_MARK`).
+    /// IPv4: `None` when the pod has no IPv4 address (its IPv4 connections
+    /// are then refused).
+    pub v4: Option<FamilyCapture<'a>>,
+    /// IPv6, link-local included: `None` when IPv6 is off in the pod (its
+    /// IPv6 connections are then refused).
+    pub v6: Option<FamilyCapture<'a>>,
+}
+
+/// One address family of a pod.
+#[derive(Debug, Clone, Copy)]
+pub struct FamilyCapture<'a> {
+    /// The address the pod's captured connections of this family come from:
+    /// the `src` of the family's capture route. `None` when the pod has no
+    /// routable address of the family (only link-local, say): its outbound
+    /// connections of this family are then refused, not captured.
+    pub primary: Option<IpAddr>,
+    /// Every address of the family the pod has, link-local included (the
+    /// primary one too): inbound connections to any of them are captured,
+    /// and connections from the pod to them are its own business.
+    pub addrs: &'a [IpAddr],
+    /// The listening loopback:15001 socket of this family (`IP_TRANSPARENT`
+    /// or `IPV6_TRANSPARENT`, `SO_MARK`).
     pub outbound_listener: BorrowedFd<'a>,
-    /// The listening `127.0.0.1:15006` socket (`SO_MARK`).
+    /// The listening loopback:15006 socket of this family (`SO_MARK`).
     pub inbound_listener: BorrowedFd<'a>,
 }
 
 /// A pod's DNS proxy, for [`Capture::enroll_dns`].
 #[derive(Debug, Clone, Copy)]
 pub struct DnsCapture<'a> {
-    /// The pod IP.
-    pub pod_ip: IpAddr,
     /// The pod's netns cookie (as in [`PodCapture::netns_cookie`]).
     pub netns_cookie: u64,
-    /// The bound `127.0.0.1:15053` UDP socket (`SO_MARK`), made in the pod
-    /// netns. Its presence in the map is what turns redirection on; the TCP
-    /// listener on the same address needs no registration.
-    pub udp_listener: BorrowedFd<'a>,
+    /// The pod's primary IPv4 address and its bound `127.0.0.1:15053` UDP
+    /// socket (`SO_MARK`), made in the pod netns.
+    pub v4: Option<(IpAddr, BorrowedFd<'a>)>,
+    /// The pod's primary IPv6 address and its bound `[::1]:15053` UDP socket.
+    pub v6: Option<(IpAddr, BorrowedFd<'a>)>,
+}
+
+/// A pod found in the pinned maps: its netns cookie and every address
+/// registered for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrolledPod {
+    /// The pod's netns cookie.
+    pub netns_cookie: u64,
+    /// Its registered addresses, sorted.
+    pub addrs: Vec<IpAddr>,
 }
 
 /// Loaded capture programs and handles to their pinned maps.
@@ -184,193 +213,273 @@ impl Capture {
     }
 
     /// Enrolls a pod (idempotent: re-enrolling replaces its listeners, which
-    /// is what a restarted ztunnel does): writes `enrolled` and `pods`,
-    /// inserts both listeners into the sockhashes, and attaches + pins the
-    /// sk_lookup link into the pod netns at `<pin_dir>/links/sk_lookup_<ip>`
-    /// (dots and colons as `_`) unless already pinned for that netns.
+    /// is what a restarted ztunnel does): registers every address of the pod
+    /// in `pods` and both sockhashes (each address with the listeners of its
+    /// family), attaches + pins the sk_lookup link into the pod netns at
+    /// `<pin_dir>/links/sk_lookup_<netns cookie>` unless already pinned for
+    /// that netns, and writes `enrolled[cookie]` with the primary address of
+    /// each family.
     ///
     /// Order matters: listeners and `pods` first, then the sk_lookup link
     /// (inbound capture on), then `enrolled` (outbound marking on), so no
-    /// captured SYN ever finds a half-enrolled pod. The pod's capture rule and
-    /// route must already be in place.
+    /// captured SYN ever finds a half-enrolled pod. The pod's capture rules
+    /// and routes must already be in place.
+    ///
+    /// An address registered for another netns means that pod was replaced
+    /// (its address moved while we were down): the old pod is removed
+    /// entirely first. A link-local address is the exception, since two
+    /// live pods can share one: such an address is registered for neither
+    /// (connections to it are dropped in both), and a warning says so.
     pub fn enroll(&mut self, pod: &PodCapture<'_>) -> Result<(), Error> {
-        let pod_ip = pod.pod_ip.to_canonical();
-        let key = IpKey::from(pod_ip);
-        for (what, fd) in [
-            ("outbound (15001)", pod.outbound_listener),
-            ("inbound (15006)", pod.inbound_listener),
-        ] {
-            let cookie = crate::netns_cookie(fd)?;
-            if cookie != pod.netns_cookie {
-                return Err(Error::Pod {
-                    pod_ip,
-                    problem: format!(
-                        "the {what} listener belongs to netns cookie {cookie}, not the pod's \
-                         {}: create listeners on a thread that has done setns into the pod netns",
-                        pod.netns_cookie
-                    ),
-                });
+        let id = pod_id(pod);
+        let families = [(pod.v4, false), (pod.v6, true)];
+        for (family, v6) in families {
+            let Some(family) = family else { continue };
+            check_family(&id, &family, v6)?;
+            for (what, fd) in [
+                ("outbound (15001)", family.outbound_listener),
+                ("inbound (15006)", family.inbound_listener),
+            ] {
+                let cookie = crate::netns_cookie(fd)?;
+                if cookie != pod.netns_cookie {
+                    return Err(Error::Pod {
+                        pod: id,
+                        problem: format!(
+                            "the {what} listener belongs to netns cookie {cookie}, not the pod's \
+                             {}: create listeners on a thread that has done setns into the pod netns",
+                            pod.netns_cookie
+                        ),
+                    });
+                }
             }
         }
 
-        let previous = match self.maps.pods.get(&key, 0) {
-            Ok(value) => Some(value),
-            Err(MapError::KeyNotFound) => None,
-            Err(source) => {
-                return Err(pod_map_err(pod_ip, maps::PODS, "reading", source));
+        // Who holds each address now.
+        let mut replaced = Vec::new();
+        let mut shared_link_local = Vec::new();
+        for family in families.iter().filter_map(|(f, _)| f.as_ref()) {
+            for addr in family.addrs {
+                let key = IpKey::from(addr.to_canonical());
+                match self.maps.pods.get(&key, 0) {
+                    Ok(v) if v.netns_cookie == pod.netns_cookie => {}
+                    Ok(v) if is_link_local(*addr) => {
+                        shared_link_local.push(*addr);
+                        if v.netns_cookie != TOMBSTONE {
+                            warn!(%id, %addr, other_netns_cookie = v.netns_cookie,
+                                "two pods share a link-local address; connections to it are dropped in both");
+                        }
+                    }
+                    Ok(v) => replaced.push(v.netns_cookie),
+                    Err(MapError::KeyNotFound) => {}
+                    Err(source) => return Err(pod_map_err(id, maps::PODS, "reading", source)),
+                }
             }
-        };
+        }
+        replaced.sort_unstable();
+        replaced.dedup();
+        for old in replaced {
+            warn!(%id, old_netns_cookie = old, "an address of this pod belonged to another netns; removing that pod's capture");
+            self.unenroll(old)?;
+        }
 
         const LISTENER_HINT: &str = "inserting the listener (it must be a listening TCP socket)";
-        self.maps
-            .outbound
-            .insert(key, pod.outbound_listener, BPF_ANY)
-            .map_err(|e| pod_map_err(pod_ip, maps::OUTBOUND_LISTENERS, LISTENER_HINT, e))?;
-        self.maps
-            .inbound
-            .insert(key, pod.inbound_listener, BPF_ANY)
-            .map_err(|e| pod_map_err(pod_ip, maps::INBOUND_LISTENERS, LISTENER_HINT, e))?;
-        self.maps
-            .pods
-            .insert(
-                key,
-                PodValue {
-                    netns_cookie: pod.netns_cookie,
-                },
-                BPF_ANY,
-            )
-            .map_err(|e| pod_map_err(pod_ip, maps::PODS, "inserting", e))?;
-
-        self.attach_or_adopt_sk_lookup(pod_ip, pod.netns)?;
-
-        // The IP moved to a new netns (pod replaced while we were down):
-        // the old cookie must stop being captured as this pod.
-        if let Some(previous) = previous.filter(|p| p.netns_cookie != pod.netns_cookie) {
-            remove_ignoring_missing(self.maps.enrolled.remove(&previous.netns_cookie))
-                .map_err(|e| pod_map_err(pod_ip, maps::ENROLLED, "removing stale cookie", e))?;
+        let mut registered = Vec::new();
+        for family in families.iter().filter_map(|(f, _)| f.as_ref()) {
+            for addr in family.addrs {
+                let key = IpKey::from(addr.to_canonical());
+                if shared_link_local.contains(addr) {
+                    // Neither pod's: a tombstone that no netns cookie matches, and no
+                    // listener, so sk_lookup drops what arrives for it.
+                    for (map, result) in [
+                        (maps::OUTBOUND_LISTENERS, self.maps.outbound.remove(&key)),
+                        (maps::INBOUND_LISTENERS, self.maps.inbound.remove(&key)),
+                    ] {
+                        remove_ignoring_missing(result).map_err(|e| {
+                            pod_map_err(id, map, "removing a shared link-local address", e)
+                        })?;
+                    }
+                    self.maps
+                        .pods
+                        .insert(
+                            key,
+                            PodValue {
+                                netns_cookie: TOMBSTONE,
+                            },
+                            BPF_ANY,
+                        )
+                        .map_err(|e| {
+                            pod_map_err(id, maps::PODS, "marking a shared link-local address", e)
+                        })?;
+                    continue;
+                }
+                self.maps
+                    .outbound
+                    .insert(key, family.outbound_listener, BPF_ANY)
+                    .map_err(|e| pod_map_err(id, maps::OUTBOUND_LISTENERS, LISTENER_HINT, e))?;
+                self.maps
+                    .inbound
+                    .insert(key, family.inbound_listener, BPF_ANY)
+                    .map_err(|e| pod_map_err(id, maps::INBOUND_LISTENERS, LISTENER_HINT, e))?;
+                self.maps
+                    .pods
+                    .insert(
+                        key,
+                        PodValue {
+                            netns_cookie: pod.netns_cookie,
+                        },
+                        BPF_ANY,
+                    )
+                    .map_err(|e| pod_map_err(id, maps::PODS, "inserting", e))?;
+                registered.push(key);
+            }
         }
+        // Addresses the pod had at its last enrollment but no longer has.
+        for key in self.keys_of(pod.netns_cookie)? {
+            if !registered.contains(&key) {
+                self.remove_address(id, key)?;
+            }
+        }
+
+        self.attach_or_adopt_sk_lookup(id, pod.netns)?;
+
+        let value = EnrolledValue {
+            ip4: IpKey::of(pod.v4.and_then(|f| f.primary)),
+            ip6: IpKey::of(pod.v6.and_then(|f| f.primary)),
+        };
         self.maps
             .enrolled
-            .insert(pod.netns_cookie, EnrolledValue { pod_ip: key }, BPF_ANY)
-            .map_err(|e| pod_map_err(pod_ip, maps::ENROLLED, "inserting", e))?;
-        info!(%pod_ip, netns_cookie = pod.netns_cookie, "pod enrolled in capture");
+            .insert(pod.netns_cookie, value, BPF_ANY)
+            .map_err(|e| pod_map_err(id, maps::ENROLLED, "inserting", e))?;
+        info!(pod = %id, addrs = registered.len(), ipv4 = ?value.ip4.addr(), ipv6 = ?value.ip6.addr(),
+            "pod enrolled in capture");
         Ok(())
     }
 
-    /// Turns DNS redirection on for a pod (idempotent: a new socket
-    /// replaces the old one). Call it before [`Capture::enroll`]: redirection
-    /// starts when the pod is in `enrolled`, and from then on a query finds
-    /// the proxy at once. Afterwards, the pod's UDP and TCP queries to port
-    /// 53 (not to loopback or the pod itself, not from `ZTUNNEL_MARK`ed
-    /// sockets) reach `127.0.0.1:15053` in its netns, and the app sees the
-    /// replies come from the server it asked.
+    /// Turns DNS redirection on for a pod, per family (idempotent: a new
+    /// socket replaces the old one). Call it before [`Capture::enroll`]:
+    /// redirection starts when the pod is in `enrolled`, and from then on a
+    /// query finds the proxy at once. Afterwards, the pod's UDP and TCP
+    /// queries to port 53 (not to loopback or the pod itself, not from
+    /// `ZTUNNEL_MARK`ed sockets) reach loopback:15053 of their family in its
+    /// netns, and the app sees the replies come from the server it asked.
     ///
     /// The kernel drops the entry when the socket closes; DNS then goes to
     /// the app's own server while the pod's 15001 listener lives, and is
     /// refused (`EPERM`) once that is gone too (ztunnel down).
     pub fn enroll_dns(&mut self, dns: &DnsCapture<'_>) -> Result<(), Error> {
-        let pod_ip = dns.pod_ip.to_canonical();
-        let cookie = crate::netns_cookie(dns.udp_listener)?;
-        if cookie != dns.netns_cookie {
-            return Err(Error::Pod {
-                pod_ip,
-                problem: format!(
-                    "the DNS (15053) socket belongs to netns cookie {cookie}, not the pod's {}: \
-                     create it on a thread that has done setns into the pod netns",
-                    dns.netns_cookie
-                ),
-            });
+        for (pod_ip, socket) in [dns.v4, dns.v6].into_iter().flatten() {
+            let pod_ip = pod_ip.to_canonical();
+            let id = PodId {
+                netns_cookie: dns.netns_cookie,
+                addr: Some(pod_ip),
+            };
+            let cookie = crate::netns_cookie(socket)?;
+            if cookie != dns.netns_cookie {
+                return Err(Error::Pod {
+                    pod: id,
+                    problem: format!(
+                        "the DNS (15053) socket belongs to netns cookie {cookie}, not the pod's {}: \
+                         create it on a thread that has done setns into the pod netns",
+                        dns.netns_cookie
+                    ),
+                });
+            }
+            self.maps
+                .dns
+                .insert(IpKey::from(pod_ip), socket, BPF_ANY)
+                .map_err(|e| {
+                    pod_map_err(
+                        id,
+                        maps::DNS_LISTENERS,
+                        "inserting the DNS socket (it must be a bound UDP socket)",
+                        e,
+                    )
+                })?;
+            info!(pod = %id, "pod DNS redirected to its proxy");
         }
-        self.maps
-            .dns
-            .insert(IpKey::from(pod_ip), dns.udp_listener, BPF_ANY)
-            .map_err(|e| {
-                pod_map_err(
-                    pod_ip,
-                    maps::DNS_LISTENERS,
-                    "inserting the DNS socket (it must be a bound UDP socket)",
-                    e,
-                )
-            })?;
-        info!(%pod_ip, "pod DNS redirected to its proxy");
         Ok(())
     }
 
-    /// Turns DNS redirection off for a pod: its queries go to the servers
-    /// it asks. Not an error when it was off.
-    pub fn unenroll_dns(&mut self, pod_ip: IpAddr) -> Result<(), Error> {
-        let pod_ip = pod_ip.to_canonical();
-        remove_ignoring_missing(self.maps.dns.remove(&IpKey::from(pod_ip)))
-            .map_err(|e| pod_map_err(pod_ip, maps::DNS_LISTENERS, "removing", e))
+    /// Removes every trace of the pod with this netns cookie: its `enrolled`
+    /// entry, every address it registered (in `pods`, both sockhashes and the
+    /// DNS sockhash), and its sk_lookup link (unpin + detach). Removing a pod
+    /// that is not enrolled is not an error.
+    pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), Error> {
+        let id = PodId {
+            netns_cookie,
+            addr: None,
+        };
+        // Outbound marking off first, then inbound redirection, then the
+        // listeners themselves.
+        remove_ignoring_missing(self.maps.enrolled.remove(&netns_cookie))
+            .map_err(|e| pod_map_err(id, maps::ENROLLED, "removing", e))?;
+        detach_and_unpin(&self.sk_lookup_pin(netns_cookie))?;
+        let keys = self.keys_of(netns_cookie)?;
+        for key in &keys {
+            self.remove_address(id, *key)?;
+        }
+        info!(pod = %id, addrs = keys.len(), "pod removed from capture");
+        Ok(())
     }
 
-    /// Removes every trace of the pod: map entries (the three sockhashes,
-    /// pods, enrolled by its cookie), and the sk_lookup link (unpin +
-    /// detach).
-    /// Removing a pod that is not enrolled is not an error.
-    pub fn unenroll(&mut self, pod_ip: IpAddr) -> Result<(), Error> {
-        let pod_ip = pod_ip.to_canonical();
-        let key = IpKey::from(pod_ip);
-
-        // Outbound marking off first. Scan rather than trust `pods` alone, so
-        // a half-written earlier enrollment is cleaned up too.
-        let mut cookies = Vec::new();
-        match self.maps.pods.get(&key, 0) {
-            Ok(value) => cookies.push(value.netns_cookie),
-            Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(pod_map_err(pod_ip, maps::PODS, "reading", e)),
-        }
-        for entry in self.maps.enrolled.iter() {
-            let (cookie, value) =
-                entry.map_err(|e| pod_map_err(pod_ip, maps::ENROLLED, "iterating", e))?;
-            if value.pod_ip == key && !cookies.contains(&cookie) {
-                cookies.push(cookie);
+    /// Every address registered for `netns_cookie`.
+    fn keys_of(&self, netns_cookie: u64) -> Result<Vec<IpKey>, Error> {
+        let mut keys = Vec::new();
+        for entry in self.maps.pods.iter() {
+            let (key, value) = entry.map_err(|source| Error::Map {
+                name: maps::PODS,
+                source: Box::new(source),
+            })?;
+            if value.netns_cookie == netns_cookie {
+                keys.push(key);
             }
         }
-        for cookie in cookies {
-            remove_ignoring_missing(self.maps.enrolled.remove(&cookie))
-                .map_err(|e| pod_map_err(pod_ip, maps::ENROLLED, "removing", e))?;
-        }
+        Ok(keys)
+    }
 
-        // Then inbound redirection, then the listeners themselves.
-        detach_and_unpin(&self.sk_lookup_pin(pod_ip))?;
+    fn remove_address(&mut self, id: PodId, key: IpKey) -> Result<(), Error> {
         remove_ignoring_missing(self.maps.outbound.remove(&key))
-            .map_err(|e| pod_map_err(pod_ip, maps::OUTBOUND_LISTENERS, "removing", e))?;
+            .map_err(|e| pod_map_err(id, maps::OUTBOUND_LISTENERS, "removing", e))?;
         remove_ignoring_missing(self.maps.inbound.remove(&key))
-            .map_err(|e| pod_map_err(pod_ip, maps::INBOUND_LISTENERS, "removing", e))?;
+            .map_err(|e| pod_map_err(id, maps::INBOUND_LISTENERS, "removing", e))?;
         remove_ignoring_missing(self.maps.dns.remove(&key))
-            .map_err(|e| pod_map_err(pod_ip, maps::DNS_LISTENERS, "removing", e))?;
+            .map_err(|e| pod_map_err(id, maps::DNS_LISTENERS, "removing", e))?;
         remove_ignoring_missing(self.maps.pods.remove(&key))
-            .map_err(|e| pod_map_err(pod_ip, maps::PODS, "removing", e))?;
-        info!(%pod_ip, "pod removed from capture");
-        Ok(())
+            .map_err(|e| pod_map_err(id, maps::PODS, "removing", e))
     }
 
     /// Holds a pod's netns closed before it is enrolled (a CNI ADD raced
-    /// ahead of the config): writes only `enrolled[cookie] = pod_ip`. With no
-    /// 15001 listener in the sockhash, the connect hooks refuse every
-    /// captured connect() from that netns with EPERM, and DNS the same way,
-    /// so nothing leaves uncaptured. A later [`Capture::enroll`] of the same
-    /// netns overwrites the entry with the full state. Returns `false` (and
+    /// ahead of the config, or an enrollment failed): writes only
+    /// `enrolled[cookie]` with the addresses it is known by. With no 15001
+    /// listener in the sockhash, the connect hooks refuse every captured
+    /// connect() from that netns with EPERM, and DNS the same way, so nothing
+    /// leaves uncaptured. A later [`Capture::enroll`] of the same netns
+    /// overwrites the entry with the full state. Returns `false` (and
     /// changes nothing) when the cookie is already enrolled or held.
-    pub fn hold(&mut self, netns_cookie: u64, pod_ip: IpAddr) -> Result<bool, Error> {
-        let pod_ip = pod_ip.to_canonical();
+    pub fn hold(&mut self, netns_cookie: u64, addrs: &[IpAddr]) -> Result<bool, Error> {
+        let ip4 = addrs.iter().map(|a| a.to_canonical()).find(IpAddr::is_ipv4);
+        let ip6 = addrs.iter().map(|a| a.to_canonical()).find(IpAddr::is_ipv6);
+        let id = PodId {
+            netns_cookie,
+            addr: ip4.or(ip6),
+        };
         match self.maps.enrolled.get(&netns_cookie, 0) {
             Ok(_) => return Ok(false),
             Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(pod_map_err(pod_ip, maps::ENROLLED, "reading", e)),
+            Err(e) => return Err(pod_map_err(id, maps::ENROLLED, "reading", e)),
         }
         self.maps
             .enrolled
             .insert(
                 netns_cookie,
                 EnrolledValue {
-                    pod_ip: IpKey::from(pod_ip),
+                    ip4: IpKey::of(ip4),
+                    ip6: IpKey::of(ip6),
                 },
                 BPF_ANY,
             )
-            .map_err(|e| pod_map_err(pod_ip, maps::ENROLLED, "inserting a hold", e))?;
-        info!(%pod_ip, netns_cookie, "pod netns held closed until enrolled");
+            .map_err(|e| pod_map_err(id, maps::ENROLLED, "inserting a hold", e))?;
+        info!(pod = %id, "pod netns held closed until enrolled");
         Ok(true)
     }
 
@@ -379,7 +488,7 @@ impl Capture {
     /// can never switch capture off for a running pod. Returns whether an
     /// entry was removed.
     pub fn release_hold(&mut self, netns_cookie: u64) -> Result<bool, Error> {
-        if self.enrolled_cookies()?.contains(&netns_cookie) {
+        if !self.keys_of(netns_cookie)?.is_empty() {
             return Ok(false);
         }
         match self.maps.enrolled.remove(&netns_cookie) {
@@ -395,11 +504,15 @@ impl Capture {
         }
     }
 
-    /// Holds in the pinned maps: `enrolled` entries whose cookie belongs to
-    /// no fully enrolled pod, as (netns cookie, pod IP). A restarted ztunnel
-    /// adopts them.
-    pub fn holds(&self) -> Result<Vec<(u64, IpAddr)>, Error> {
-        let enrolled = self.enrolled_cookies()?;
+    /// Holds in the pinned maps: `enrolled` entries whose cookie has no
+    /// address registered, as (netns cookie, the addresses it was held
+    /// with). A restarted ztunnel adopts them.
+    pub fn holds(&self) -> Result<Vec<(u64, Vec<IpAddr>)>, Error> {
+        let enrolled: Vec<u64> = self
+            .enrolled_pods()?
+            .into_iter()
+            .map(|p| p.netns_cookie)
+            .collect();
         let mut out = Vec::new();
         for entry in self.maps.enrolled.iter() {
             let (cookie, value) = entry.map_err(|source| Error::Map {
@@ -407,40 +520,40 @@ impl Capture {
                 source: Box::new(source),
             })?;
             if !enrolled.contains(&cookie) {
-                out.push((cookie, IpAddr::from(value.pod_ip)));
+                let addrs = [value.ip4.addr(), value.ip6.addr()].into_iter().flatten();
+                out.push((cookie, addrs.collect()));
             }
         }
         Ok(out)
     }
 
-    fn enrolled_cookies(&self) -> Result<Vec<u64>, Error> {
-        self.maps
-            .pods
-            .iter()
-            .map(|entry| {
-                entry
-                    .map(|(_, v)| v.netns_cookie)
-                    .map_err(|source| Error::Map {
-                        name: maps::PODS,
-                        source: Box::new(source),
-                    })
+    /// Pods present in the pinned `pods` map, with their addresses (so a
+    /// restarted ztunnel can reconcile pods that left while it was down).
+    /// Addresses shared by two pods (see [`Capture::enroll`]) belong to none.
+    pub fn enrolled_pods(&self) -> Result<Vec<EnrolledPod>, Error> {
+        let mut by_cookie: std::collections::BTreeMap<u64, Vec<IpAddr>> = Default::default();
+        for entry in self.maps.pods.iter() {
+            let (key, value) = entry.map_err(|source| Error::Map {
+                name: maps::PODS,
+                source: Box::new(source),
+            })?;
+            if value.netns_cookie != TOMBSTONE {
+                by_cookie
+                    .entry(value.netns_cookie)
+                    .or_default()
+                    .push(IpAddr::from(key));
+            }
+        }
+        Ok(by_cookie
+            .into_iter()
+            .map(|(netns_cookie, mut addrs)| {
+                addrs.sort_unstable();
+                EnrolledPod {
+                    netns_cookie,
+                    addrs,
+                }
             })
-            .collect()
-    }
-
-    /// Pod IPs present in the pinned `pods` map (so a restarted ztunnel can
-    /// reconcile pods that left while it was down).
-    pub fn enrolled_pods(&self) -> Result<Vec<IpAddr>, Error> {
-        self.maps
-            .pods
-            .keys()
-            .map(|key| {
-                key.map(IpAddr::from).map_err(|source| Error::Map {
-                    name: maps::PODS,
-                    source: Box::new(source),
-                })
-            })
-            .collect()
+            .collect())
     }
 
     /// Detaches everything and removes all pins (used by `ztunnel
@@ -505,23 +618,19 @@ impl Capture {
         first_error.map_or(Ok(()), Err)
     }
 
-    fn sk_lookup_pin(&self, pod_ip: IpAddr) -> PathBuf {
-        self.links_dir.join(sk_lookup_pin_name(pod_ip))
+    fn sk_lookup_pin(&self, netns_cookie: u64) -> PathBuf {
+        self.links_dir.join(sk_lookup_pin_name(netns_cookie))
     }
 
-    fn attach_or_adopt_sk_lookup(
-        &mut self,
-        pod_ip: IpAddr,
-        netns: BorrowedFd<'_>,
-    ) -> Result<(), Error> {
-        let path = self.sk_lookup_pin(pod_ip);
+    fn attach_or_adopt_sk_lookup(&mut self, id: PodId, netns: BorrowedFd<'_>) -> Result<(), Error> {
+        let path = self.sk_lookup_pin(id.netns_cookie);
         let netns_ino = File::from(netns.try_clone_to_owned().map_err(|e| Error::Pod {
-            pod_ip,
+            pod: id,
             problem: format!("duplicating the netns fd: {e}"),
         })?)
         .metadata()
         .map_err(|e| Error::Pod {
-            pod_ip,
+            pod: id,
             problem: format!("fstat of the netns fd: {e}"),
         })?
         .ino();
@@ -533,12 +642,12 @@ impl Capture {
                 if matches!(info.target, LinkTarget::Netns { netns_ino: ino } if u64::from(ino) == netns_ino)
                 {
                     update_link(&path, &link, program_fd(program, SK_LOOKUP)?)?;
-                    debug!(%pod_ip, link_id = info.id, "adopted pinned sk_lookup link");
+                    debug!(pod = %id, link_id = info.id, "adopted pinned sk_lookup link");
                     return Ok(());
                 }
-                // Pinned for a netns that is gone (ino 0) or is another pod's
-                // that used to have this IP.
-                warn!(%pod_ip, link_id = info.id, target = ?info.target, "replacing stale sk_lookup link");
+                // A cookie is never reused, so this is a link whose netns is
+                // gone (ino 0): replace it.
+                warn!(pod = %id, link_id = info.id, target = ?info.target, "replacing stale sk_lookup link");
                 Some(link)
             }
             None => None,
@@ -546,19 +655,71 @@ impl Capture {
 
         let link_id = program.attach(netns).map_err(|source| Error::Attach {
             program: SK_LOOKUP,
-            target: format!("netns of pod {pod_ip}"),
+            target: format!("netns of {id}"),
             source: Box::new(source),
         })?;
         let link: FdLink = program
             .take_link(link_id)
             .map_err(|source| Error::Attach {
                 program: SK_LOOKUP,
-                target: format!("netns of pod {pod_ip}"),
+                target: format!("netns of {id}"),
                 source: Box::new(source),
             })?
             .into();
         replace_pin(&path, link, stale)
     }
+}
+
+/// The value `pods` holds for an address two live pods share (link-local
+/// only): no netns cookie is 0, so it is nobody's, and it has no listeners.
+const TOMBSTONE: u64 = 0;
+
+fn is_link_local(addr: IpAddr) -> bool {
+    matches!(addr.to_canonical(), IpAddr::V6(v6) if v6.is_unicast_link_local())
+}
+
+/// How a pod is named in logs and errors: its cookie and primary address.
+fn pod_id(pod: &PodCapture<'_>) -> PodId {
+    let primary =
+        |f: Option<FamilyCapture<'_>>| f.and_then(|f| f.primary.or(f.addrs.first().copied()));
+    PodId {
+        netns_cookie: pod.netns_cookie,
+        addr: primary(pod.v4).or(primary(pod.v6)),
+    }
+}
+
+/// Every address of a family is of that family, usable as a pod address, and
+/// the primary one among them.
+fn check_family(id: &PodId, family: &FamilyCapture<'_>, v6: bool) -> Result<(), Error> {
+    let problem = |problem: String| Error::Pod { pod: *id, problem };
+    let name = if v6 { "IPv6" } else { "IPv4" };
+    if family.addrs.is_empty() {
+        return Err(problem(format!(
+            "{name} capture needs at least one address"
+        )));
+    }
+    for addr in family.addrs {
+        let addr = addr.to_canonical();
+        if addr.is_ipv6() != v6 {
+            return Err(problem(format!("{addr} is listed as an {name} address")));
+        }
+        if addr.is_loopback() || addr.is_unspecified() || addr.is_multicast() {
+            return Err(problem(format!("{addr} cannot be a pod address")));
+        }
+    }
+    if let Some(primary) = family.primary {
+        if !family.addrs.contains(&primary) {
+            return Err(problem(format!(
+                "the primary {name} address {primary} is not among the pod's addresses"
+            )));
+        }
+        if is_link_local(primary) {
+            return Err(problem(format!(
+                "the primary {name} address {primary} is link-local; it cannot carry captured connections"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Attaches `name` to the cgroup and pins the link at `path`, or adopts the
@@ -702,11 +863,10 @@ fn update_link(path: &Path, link: &OwnedFd, program: BorrowedFd<'_>) -> Result<(
     })
 }
 
-/// Pin file name of a pod's sk_lookup link: bpffs rejects `.` in names, so
-/// `10.1.2.3` pins as `sk_lookup_10_1_2_3` (and `fd00::1` as `sk_lookup_fd00__1`).
-fn sk_lookup_pin_name(pod_ip: IpAddr) -> String {
-    let ip = pod_ip.to_canonical().to_string().replace(['.', ':'], "_");
-    format!("{SK_LOOKUP_PIN_PREFIX}{ip}")
+/// Pin file name of a pod's sk_lookup link, by netns cookie (stable for the
+/// namespace's life, never reused, and the same for every address family).
+fn sk_lookup_pin_name(netns_cookie: u64) -> String {
+    format!("{SK_LOOKUP_PIN_PREFIX}{netns_cookie}")
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
@@ -832,9 +992,9 @@ fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
     }
 }
 
-fn pod_map_err(pod_ip: IpAddr, map: &'static str, action: &'static str, source: MapError) -> Error {
+fn pod_map_err(pod: PodId, map: &'static str, action: &'static str, source: MapError) -> Error {
     Error::PodMap {
-        pod_ip,
+        pod,
         map,
         action,
         source: Box::new(source),
@@ -853,23 +1013,17 @@ fn remove_ignoring_missing(result: Result<(), MapError>) -> Result<(), MapError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{Ipv4Addr, Ipv6Addr};
 
     #[test]
-    fn pin_names_have_no_dots() {
-        assert_eq!(
-            sk_lookup_pin_name(IpAddr::V4(Ipv4Addr::new(10, 201, 0, 2))),
-            "sk_lookup_10_201_0_2"
-        );
-        assert_eq!(
-            sk_lookup_pin_name(IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1))),
-            "sk_lookup_fd00__1"
-        );
-        // A v4-mapped address is the same pod as its IPv4 form.
-        assert_eq!(
-            sk_lookup_pin_name(IpAddr::V6(Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped())),
-            "sk_lookup_10_0_0_1"
-        );
+    fn pin_names_are_bpffs_safe() {
+        assert_eq!(sk_lookup_pin_name(4097), "sk_lookup_4097");
+    }
+
+    #[test]
+    fn link_local_is_recognised() {
+        assert!(is_link_local("fe80::1".parse().expect("ip")));
+        assert!(!is_link_local("fd00::1".parse().expect("ip")));
+        assert!(!is_link_local("169.254.0.1".parse().expect("ip")));
     }
 
     #[test]

@@ -20,7 +20,10 @@ use aya::{
     maps::{HashMap, Map, MapData, MapType, SockHash},
 };
 
-use crate::{Error, MAX_PODS};
+use crate::{Error, MAX_ADDRS_PER_POD, MAX_PODS};
+
+/// Entries of the address-keyed maps: every address of every pod.
+const MAX_POD_ADDRS: u32 = MAX_PODS * MAX_ADDRS_PER_POD;
 
 /// `struct ip_key`: a pod IP, IPv6 bytes in network order, IPv4 v4-mapped
 /// (`::ffff:a.b.c.d`), so both families share one key type.
@@ -51,14 +54,31 @@ impl From<IpKey> for IpAddr {
     }
 }
 
-/// `struct enrolled_value`.
+impl IpKey {
+    /// All zeros (`::`): "no address of this family".
+    pub(crate) const NONE: IpKey = IpKey { addr: [0; 16] };
+
+    /// The key of `ip`, or [`IpKey::NONE`].
+    pub(crate) fn of(ip: Option<IpAddr>) -> Self {
+        ip.map_or(Self::NONE, IpKey::from)
+    }
+
+    /// The address, unless this is [`IpKey::NONE`].
+    pub(crate) fn addr(self) -> Option<IpAddr> {
+        (self != Self::NONE).then(|| IpAddr::from(self))
+    }
+}
+
+/// `struct enrolled_value`: the pod's primary address of each family, or
+/// [`IpKey::NONE`] for a family it is not served on.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct EnrolledValue {
-    pub(crate) pod_ip: IpKey,
+    pub(crate) ip4: IpKey,
+    pub(crate) ip6: IpKey,
 }
 
-// SAFETY: `#[repr(C)]` wrapper of a `Pod` with no padding; `Copy`.
+// SAFETY: `#[repr(C)]` struct of two `Pod`s with no padding; `Copy`.
 unsafe impl aya::Pod for EnrolledValue {}
 
 /// `struct pod_value`.
@@ -78,7 +98,7 @@ const DNS_ORIGIN_SIZE: u32 = 16 + 16 + 4;
 
 // The C side is the source of truth; these match `sizeof` there.
 const _: () = assert!(mem::size_of::<IpKey>() == 16);
-const _: () = assert!(mem::size_of::<EnrolledValue>() == 16);
+const _: () = assert!(mem::size_of::<EnrolledValue>() == 32);
 const _: () = assert!(mem::size_of::<PodValue>() == 8);
 
 /// Map names, as in `capture.bpf.c` (and as pinned under `<pin_dir>/maps`).
@@ -100,15 +120,15 @@ pub(crate) const ALL: [&str; 6] = [
 /// Typed handles of the capture maps (the kernel objects are pinned and
 /// shared with every program that was loaded against the same pin dir).
 pub(crate) struct CaptureMaps {
-    /// netns cookie -> pod IP.
+    /// netns cookie -> the pod's primary address of each family.
     pub(crate) enrolled: HashMap<MapData, u64, EnrolledValue>,
-    /// pod IP -> netns cookie.
+    /// Every pod address -> netns cookie.
     pub(crate) pods: HashMap<MapData, IpKey, PodValue>,
-    /// pod IP -> 15001 listener.
+    /// Pod address -> 15001 listener of its family.
     pub(crate) outbound: SockHash<MapData, IpKey>,
-    /// pod IP -> 15006 listener.
+    /// Pod address -> 15006 listener of its family.
     pub(crate) inbound: SockHash<MapData, IpKey>,
-    /// pod IP -> DNS proxy UDP socket (127.0.0.1:15053).
+    /// Pod primary address of a family -> DNS proxy UDP socket of that family.
     pub(crate) dns: SockHash<MapData, IpKey>,
     /// Per-socket original DNS server. Never read here; held so the loader
     /// checked its pinned layout like every other map's.
@@ -146,7 +166,7 @@ impl CaptureMaps {
                 map_type: MapType::Hash,
                 key_size: size_u32::<IpKey>(),
                 value_size: size_u32::<PodValue>(),
-                max_entries: MAX_PODS,
+                max_entries: MAX_POD_ADDRS,
             },
         )?;
         let sockhash = Expected {
@@ -154,7 +174,7 @@ impl CaptureMaps {
             key_size: size_u32::<IpKey>(),
             // aya's SockHash writes the listener fd as a 4-byte value.
             value_size: 4,
-            max_entries: MAX_PODS,
+            max_entries: MAX_POD_ADDRS,
         };
         let outbound = take_checked(ebpf, maps_dir, OUTBOUND_LISTENERS, &sockhash)?;
         let inbound = take_checked(ebpf, maps_dir, INBOUND_LISTENERS, &sockhash)?;

@@ -34,9 +34,9 @@ use std::{
 };
 
 use ambit_ebpf::{
-    CAPTURE_MARK, CAPTURE_ROUTE_TABLE, CAPTURE_RULE_PRIORITY, Capture, CaptureConfig,
-    DELIVERY_ADDR, Error, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PodCapture, ZTUNNEL_MARK,
-    netns_cookie,
+    CAPTURE_MARK, CAPTURE_ROUTE_TABLE, CAPTURE_RULE_PRIORITY, Capture, CaptureConfig, Error,
+    FamilyCapture, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PodCapture, ZTUNNEL_MARK,
+    contract::DELIVERY_ADDR_V4, netns_cookie,
 };
 use nix::{
     mount::{MntFlags, MsFlags, mount, umount2},
@@ -46,10 +46,11 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
 const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
-/// IPv6 on the same veth, to check that native IPv6 (not captured yet)
-/// fails closed rather than leaking out.
+/// IPv6 on the same veth (each side also has its link-local address).
 const POD_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xae, 0, 0, 0, 0, 0, 2);
 const PEER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xae, 0, 0, 0, 0, 0, 1);
+/// Added to the pod after enrollment: an address ztunnel does not serve.
+const UNSERVED_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xae, 0, 0, 0, 0, 0, 0x99);
 const APP_PORT: u16 = 8080;
 const PEER_PORT: u16 = 80;
 
@@ -111,10 +112,7 @@ fn capture_end_to_end() {
 
     // ztunnel: listeners in the pod, capture rule and route, enroll.
     let mut z = Ztunnel::start(&lab, &cfg);
-    assert_eq!(
-        z.capture.enrolled_pods().expect("enrolled_pods"),
-        vec![IpAddr::V4(POD_IP)]
-    );
+    assert_eq!(enrolled_addrs(&z.capture), lab.pod_addrs());
     assert_links(&lab, &cfg, 1);
 
     // Listeners made outside the pod netns are refused (the classic mistake:
@@ -128,11 +126,15 @@ fn capture_end_to_end() {
     let err = z
         .capture
         .enroll(&PodCapture {
-            pod_ip: IpAddr::V4(POD_IP),
             netns: lab.pod.file.as_fd(),
             netns_cookie: netns_cookie(z.outbound.as_fd()).expect("cookie"),
-            outbound_listener: wrong_out.as_fd(),
-            inbound_listener: wrong_in.as_fd(),
+            v4: Some(FamilyCapture {
+                primary: Some(IpAddr::V4(POD_IP)),
+                addrs: &[IpAddr::V4(POD_IP)],
+                outbound_listener: wrong_out.as_fd(),
+                inbound_listener: wrong_in.as_fd(),
+            }),
+            v6: None,
         })
         .expect_err("listeners from another netns");
     assert!(
@@ -161,20 +163,59 @@ fn capture_end_to_end() {
     assert_eq!(remote.ip(), IpAddr::V4(POD_IP));
     assert_nothing_accepted(&peer_server, "peer :80 (v4-mapped)");
 
-    // (1c) Native IPv6 is marked too and, with no v6 listener, fails closed;
-    // ztunnel's own marked v6 socket shows the path itself works.
+    // (1c) Native IPv6 lands on the IPv6 15001 listener, from the pod's
+    // IPv6 address; ztunnel's own marked v6 socket goes straight out.
     let peer_server6 = in_netns(&lab.peer.file, || listener("::", PEER_PORT, None, false));
     let peer_dst6 = SocketAddr::from((PEER_IP6, PEER_PORT));
+    let (_, local, remote) = lab.pod_connect(&Connect::to(peer_dst6), &z.outbound6);
+    assert_eq!(local, peer_dst6, "IPv6 15001 sees the original destination");
+    assert_eq!(remote.ip(), IpAddr::V6(POD_IP6));
     let mut own6 = Connect::to(peer_dst6);
     own6.mark = Some(ZTUNNEL_MARK);
     let (_, local, _) = lab.pod_connect(&own6, &peer_server6);
     assert_eq!(local, peer_dst6);
-    let outcome = lab.run_in_pod(&Connect::to(peer_dst6));
+    assert_nothing_accepted(&peer_server6, "peer [::]:80 (native IPv6 leaked)");
+
+    // (1d) Link-local destinations are refused at connect(), whoever the
+    // peer is: they cannot be tunnelled.
+    let peer_ll = SocketAddr::V6(std::net::SocketAddrV6::new(
+        lab.peer_ll,
+        PEER_PORT,
+        0,
+        lab.pod_eth0,
+    ));
+    assert_refused(
+        &lab.run_in_pod(&Connect::to(peer_ll)),
+        "link-local destination",
+    );
+    assert_nothing_accepted(&peer_server6, "peer [::]:80 (link-local leaked)");
+
+    // (1e) The pod listens on the destination port itself: a captured SYN
+    // must still reach 15001, never the pod's own listener.
+    let pod_own6 = in_netns(&lab.pod.file, || listener("::", PEER_PORT, None, false));
+    let (_, local, _) = lab.pod_connect(&Connect::to(peer_dst6), &z.outbound6);
+    assert_eq!(local, peer_dst6);
+    // A captured SYN from an address ztunnel does not serve is dropped, not
+    // handed to that local listener: the unserved address is added, and a
+    // socket bound to it connects out.
+    lab.ip_pod(&[
+        "addr",
+        "add",
+        &format!("{UNSERVED_IP6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    let mut unserved_src = Connect::to(peer_dst6);
+    unserved_src.bind = Some(IpAddr::V6(UNSERVED_IP6));
+    let outcome = lab.run_in_pod(&unserved_src);
     assert!(
         outcome.starts_with("err "),
-        "native IPv6 must fail closed, got: {outcome}"
+        "a captured SYN from an unserved address must not connect: {outcome}"
     );
-    assert_nothing_accepted(&peer_server6, "peer [::]:80 (native IPv6 leaked)");
+    assert_nothing_accepted(&pod_own6, "the pod's own [::]:80 (wrong delivery)");
+    assert_nothing_accepted(&z.outbound6, "15001 for an unserved source");
+    assert_nothing_accepted(&peer_server6, "peer [::]:80 (unserved source leaked)");
 
     // Loopback and the pod's own IP are never captured.
     let (_, local, _) = lab.pod_connect(
@@ -195,20 +236,78 @@ fn capture_end_to_end() {
     assert_eq!(remote.ip(), IpAddr::V4(PEER_IP));
     assert_nothing_accepted(&app, "app while inbound capture is on");
 
-    // (3) HBONE is not redirected.
+    // (2b) Over IPv6, to the pod's IPv6 and link-local addresses: the IPv6
+    // 15006 listener, never the app.
+    let app6 = in_netns(&lab.pod.file, || listener("::", APP_PORT, None, false));
+    let pod_app6 = SocketAddr::from((POD_IP6, APP_PORT));
+    let (local, remote) = lab.peer_connect(pod_app6, &z.inbound6);
+    assert_eq!(local, pod_app6);
+    assert_eq!(remote.ip(), IpAddr::V6(PEER_IP6));
+    let pod_ll_app = SocketAddr::V6(std::net::SocketAddrV6::new(
+        lab.pod_ll,
+        APP_PORT,
+        0,
+        lab.peer_eth0,
+    ));
+    let (local, _) = lab.peer_connect(pod_ll_app, &z.inbound6);
+    assert_eq!(local.ip(), IpAddr::V6(lab.pod_ll));
+    // An address of the pod that ztunnel does not serve: dropped.
+    let unserved = SocketAddr::from((UNSERVED_IP6, APP_PORT));
+    assert!(
+        lab.peer_connect_fails(unserved),
+        "a connection to an unserved pod address must not be accepted"
+    );
+    assert_nothing_accepted(&app6, "app [::] while inbound capture is on");
+    assert_nothing_accepted(&z.inbound6, "15006 for an unserved address");
+
+    // (3) HBONE is not redirected, on either family.
     let hbone = SocketAddr::from((POD_IP, HBONE_PORT));
     let (local, _) = lab.peer_connect(hbone, &z.hbone);
     assert_eq!(local, hbone);
+    let hbone6 = SocketAddr::from((POD_IP6, HBONE_PORT));
+    let (local, _) = lab.peer_connect(hbone6, &z.hbone6);
+    assert_eq!(local, hbone6);
     assert_nothing_accepted(&z.inbound, "15006 for HBONE");
+    assert_nothing_accepted(&z.inbound6, "IPv6 15006 for HBONE");
 
-    // (4) ztunnel's delivery (mark + source 127.0.0.6) reaches the real app.
-    let mut delivery = Connect::to(pod_app);
-    delivery.mark = Some(ZTUNNEL_MARK);
-    delivery.bind = Some(DELIVERY_ADDR);
-    let (_, local, remote) = lab.pod_connect(&delivery, &app);
-    assert_eq!(local, pod_app);
-    assert_eq!(remote.ip(), DELIVERY_ADDR);
+    // (4) ztunnel's delivery (mark + source 127.0.0.6, or over IPv6 the pod's
+    // own address) reaches the real app.
+    for (dst, from, app) in [
+        (pod_app, IpAddr::V4(DELIVERY_ADDR_V4), &app),
+        (pod_app6, IpAddr::V6(POD_IP6), &app6),
+    ] {
+        let mut delivery = Connect::to(dst);
+        delivery.mark = Some(ZTUNNEL_MARK);
+        delivery.bind = Some(from);
+        let (_, local, remote) = lab.pod_connect(&delivery, app);
+        assert_eq!(local, dst);
+        assert_eq!(remote.ip(), from);
+    }
     assert_nothing_accepted(&z.inbound, "15006 for delivery");
+    assert_nothing_accepted(&z.inbound6, "IPv6 15006 for delivery");
+    // A delivery to a port nobody listens on is refused at once on both families (from
+    // ::1 it would hang: the kernel drops the reset).
+    for (dst, from) in [
+        (
+            SocketAddr::from((POD_IP, APP_PORT + 1)),
+            IpAddr::V4(DELIVERY_ADDR_V4),
+        ),
+        (
+            SocketAddr::from((POD_IP6, APP_PORT + 1)),
+            IpAddr::V6(POD_IP6),
+        ),
+    ] {
+        let mut delivery = Connect::to(dst);
+        delivery.mark = Some(ZTUNNEL_MARK);
+        delivery.bind = Some(from);
+        let outcome = lab.run_in_pod(&delivery);
+        let failure = ConnectFailure::parse(&outcome)
+            .unwrap_or_else(|| panic!("delivery to {dst}: expected a refusal, got {outcome}"));
+        assert!(
+            failure.errno == libc::ECONNREFUSED && failure.elapsed < FAIL_FAST,
+            "delivery to {dst} with no listener must be refused at once: {outcome}"
+        );
+    }
 
     // (5) ztunnel's own marked sockets go straight out.
     let mut own = Connect::to(peer_dst);
@@ -236,6 +335,7 @@ fn capture_end_to_end() {
         ("IPv4", Connect::to(peer_dst)),
         ("v4-mapped", mapped.clone()),
         ("native IPv6", Connect::to(peer_dst6)),
+        ("link-local", Connect::to(peer_ll)),
     ] {
         let outcome = lab.run_in_pod(&connect);
         let failure = ConnectFailure::parse(&outcome).unwrap_or_else(|| {
@@ -275,10 +375,7 @@ fn capture_end_to_end() {
 
     // A new ztunnel adopts the pins and restores capture.
     let restarted = Capture::load_or_adopt(&cfg).expect("load_or_adopt after crash");
-    assert_eq!(
-        restarted.enrolled_pods().expect("enrolled_pods"),
-        vec![IpAddr::V4(POD_IP)]
-    );
+    assert_eq!(enrolled_addrs(&restarted), lab.pod_addrs());
     let mut z = Ztunnel::with_capture(&lab, restarted);
     assert_links(&lab, &cfg, 1);
     // Adopted, not re-created: same links, each now running the new program.
@@ -302,12 +399,29 @@ fn capture_end_to_end() {
     assert_eq!(remote.ip(), IpAddr::V4(POD_IP));
     let (local, _) = lab.peer_connect(pod_app, &z.inbound);
     assert_eq!(local, pod_app);
+    let (_, local, _) = lab.pod_connect(&Connect::to(peer_dst6), &z.outbound6);
+    assert_eq!(local, peer_dst6);
+
+    // (6b) A pod with no routable IPv6 address (link-local only) is not
+    // served on IPv6: its native IPv6 connections are refused, while inbound
+    // to its link-local address is still captured.
+    z.enroll_with(&lab, false);
+    assert_refused(
+        &lab.run_in_pod(&Connect::to(peer_dst6)),
+        "IPv6 without a served address",
+    );
+    assert_nothing_accepted(
+        &peer_server6,
+        "peer [::]:80 (IPv6 without a served address)",
+    );
+    let (local, _) = lab.peer_connect(pod_ll_app, &z.inbound6);
+    assert_eq!(local.ip(), IpAddr::V6(lab.pod_ll));
+    z.enroll(&lab);
 
     // (7) Unenroll: traffic goes direct, no trace left in the kernel.
-    z.capture.unenroll(IpAddr::V4(POD_IP)).expect("unenroll");
-    z.capture
-        .unenroll(IpAddr::V4(POD_IP))
-        .expect("unenroll is idempotent");
+    let cookie = z.cookie();
+    z.capture.unenroll(cookie).expect("unenroll");
+    z.capture.unenroll(cookie).expect("unenroll is idempotent");
     let (_, local, remote) = lab.pod_connect(&Connect::to(peer_dst), &peer_server);
     assert_eq!(local, peer_dst);
     assert_eq!(remote.ip(), IpAddr::V4(POD_IP));
@@ -316,6 +430,8 @@ fn capture_end_to_end() {
     assert_eq!(local, pod_app);
     assert_nothing_accepted(&z.inbound, "15006 after unenroll");
     assert!(z.capture.enrolled_pods().expect("enrolled_pods").is_empty());
+    let (_, local, _) = lab.pod_connect(&Connect::to(peer_dst6), &peer_server6);
+    assert_eq!(local, peer_dst6);
     wait_until("the pod's sk_lookup link to disappear", || {
         sk_lookup_links(lab.pod.ino).is_empty()
     });
@@ -326,7 +442,11 @@ fn capture_end_to_end() {
         &cfg.pin_dir.join("maps/pods").to_string_lossy(),
     ]);
     assert_eq!(pods_dump, serde_json::json!([]), "pods map must be empty");
-    assert!(!cfg.pin_dir.join("links/sk_lookup_10_201_0_2").exists());
+    assert!(
+        !cfg.pin_dir
+            .join(format!("links/sk_lookup_{cookie}"))
+            .exists()
+    );
 
     // (8) The pod IP shows up in a new netns (the pod was replaced while
     // ztunnel was down): enrolling it there moves the sk_lookup link and
@@ -345,11 +465,15 @@ fn capture_end_to_end() {
     let cookie2 = netns_cookie(out2.as_fd()).expect("cookie");
     z.capture
         .enroll(&PodCapture {
-            pod_ip: IpAddr::V4(POD_IP),
             netns: pod2.file.as_fd(),
             netns_cookie: cookie2,
-            outbound_listener: out2.as_fd(),
-            inbound_listener: in2.as_fd(),
+            v4: Some(FamilyCapture {
+                primary: Some(IpAddr::V4(POD_IP)),
+                addrs: &[IpAddr::V4(POD_IP)],
+                outbound_listener: out2.as_fd(),
+                inbound_listener: in2.as_fd(),
+            }),
+            v6: None,
         })
         .expect("enroll the pod IP in its new netns");
     wait_until("the old netns' sk_lookup link to go", || {
@@ -370,7 +494,7 @@ fn capture_end_to_end() {
     let (_, local, _) = lab.pod_connect(&Connect::to(peer_dst), &peer_server);
     assert_eq!(local, peer_dst, "the old netns must no longer be captured");
     assert_nothing_accepted(&z.outbound, "old listener after the IP moved");
-    z.capture.unenroll(IpAddr::V4(POD_IP)).expect("unenroll");
+    z.capture.unenroll(cookie2).expect("unenroll");
     assert!(sk_lookup_links(pod2.ino).is_empty());
 
     // Full clean-up removes the cgroup links and every pin.
@@ -411,12 +535,14 @@ struct Ztunnel {
     outbound: TcpListener,
     inbound: TcpListener,
     hbone: TcpListener,
+    outbound6: TcpListener,
+    inbound6: TcpListener,
+    hbone6: TcpListener,
 }
 
 impl Ztunnel {
     fn start(lab: &Lab, cfg: &CaptureConfig) -> Self {
-        // The capture route, exactly as ztunnel installs it.
-        let pod_ip = POD_IP.to_string();
+        // The capture rules and routes, exactly as ztunnel installs them.
         let table = CAPTURE_ROUTE_TABLE.to_string();
         let mark = format!("{CAPTURE_MARK:#x}/{CAPTURE_MARK:#x}");
         let prio = CAPTURE_RULE_PRIORITY.to_string();
@@ -425,11 +551,9 @@ impl Ztunnel {
             // `src`: the looped SYN must come from the pod IP. Without it the
             // kernel picks the destination as source and connect() fails
             // with ENETUNREACH.
-            format!("route add local 0.0.0.0/0 dev lo table {table} src {pod_ip}"),
-            // IPv6 has no listener yet. Without these, marked native-v6 SYNs
-            // leave the pod uncaptured; with them they die on lo.
+            format!("route add local 0.0.0.0/0 dev lo table {table} src {POD_IP}"),
             format!("-6 rule add fwmark {mark} lookup {table} priority {prio}"),
-            format!("-6 route add local ::/0 dev lo table {table}"),
+            format!("-6 route add local ::/0 dev lo table {table} src {POD_IP6}"),
         ];
         for command in &commands {
             lab.ip_pod(&command.split_whitespace().collect::<Vec<_>>());
@@ -439,31 +563,59 @@ impl Ztunnel {
     }
 
     fn with_capture(lab: &Lab, capture: Capture) -> Self {
-        let (outbound, inbound, hbone) = in_netns(&lab.pod.file, || {
-            (
-                listener("127.0.0.1", OUTBOUND_PORT, Some(ZTUNNEL_MARK), true),
-                listener("127.0.0.1", INBOUND_PORT, Some(ZTUNNEL_MARK), false),
-                listener("0.0.0.0", HBONE_PORT, Some(ZTUNNEL_MARK), false),
-            )
-        });
+        let (outbound, inbound, hbone, outbound6, inbound6, hbone6) =
+            in_netns(&lab.pod.file, || {
+                (
+                    listener("127.0.0.1", OUTBOUND_PORT, Some(ZTUNNEL_MARK), true),
+                    listener("127.0.0.1", INBOUND_PORT, Some(ZTUNNEL_MARK), false),
+                    listener("0.0.0.0", HBONE_PORT, Some(ZTUNNEL_MARK), false),
+                    listener("::1", OUTBOUND_PORT, Some(ZTUNNEL_MARK), true),
+                    listener("::1", INBOUND_PORT, Some(ZTUNNEL_MARK), false),
+                    listener("::", HBONE_PORT, Some(ZTUNNEL_MARK), false),
+                )
+            });
         let mut z = Self {
             capture,
             outbound,
             inbound,
             hbone,
+            outbound6,
+            inbound6,
+            hbone6,
         };
         z.enroll(lab);
         z
     }
 
+    fn cookie(&self) -> u64 {
+        netns_cookie(self.outbound.as_fd()).expect("netns cookie")
+    }
+
     fn enroll(&mut self, lab: &Lab) {
-        let cookie = netns_cookie(self.outbound.as_fd()).expect("netns cookie");
+        self.enroll_with(lab, true);
+    }
+
+    /// Enrolls both families; `ipv6_routable: false` enrolls IPv6 with the
+    /// link-local address only, as for a pod in an IPv4-only cluster.
+    fn enroll_with(&mut self, lab: &Lab, ipv6_routable: bool) {
+        let v4 = [IpAddr::V4(POD_IP)];
+        let v6_all = [IpAddr::V6(POD_IP6), IpAddr::V6(lab.pod_ll)];
+        let v6_ll = [IpAddr::V6(lab.pod_ll)];
         let pod = PodCapture {
-            pod_ip: IpAddr::V4(POD_IP),
             netns: lab.pod.file.as_fd(),
-            netns_cookie: cookie,
-            outbound_listener: self.outbound.as_fd(),
-            inbound_listener: self.inbound.as_fd(),
+            netns_cookie: self.cookie(),
+            v4: Some(FamilyCapture {
+                primary: Some(v4[0]),
+                addrs: &v4,
+                outbound_listener: self.outbound.as_fd(),
+                inbound_listener: self.inbound.as_fd(),
+            }),
+            v6: Some(FamilyCapture {
+                primary: ipv6_routable.then_some(v6_all[0]),
+                addrs: if ipv6_routable { &v6_all } else { &v6_ll },
+                outbound_listener: self.outbound6.as_fd(),
+                inbound_listener: self.inbound6.as_fd(),
+            }),
         };
         self.capture.enroll(&pod).expect("enroll");
     }
@@ -486,6 +638,28 @@ impl Ztunnel {
     }
 }
 
+/// Every address registered in the pinned maps, of every pod.
+fn enrolled_addrs(capture: &Capture) -> Vec<IpAddr> {
+    let mut addrs: Vec<IpAddr> = capture
+        .enrolled_pods()
+        .expect("enrolled_pods")
+        .into_iter()
+        .flat_map(|p| p.addrs)
+        .collect();
+    addrs.sort_unstable();
+    addrs
+}
+
+/// The child's connect() was refused with EPERM, at once.
+fn assert_refused(outcome: &str, what: &str) {
+    let failure = ConnectFailure::parse(outcome)
+        .unwrap_or_else(|| panic!("{what}: expected a refusal, got: {outcome}"));
+    assert!(
+        failure.errno == libc::EPERM && failure.elapsed < FAIL_FAST,
+        "{what}: expected EPERM at once, got: {outcome}"
+    );
+}
+
 /// A listening TCP socket, non-blocking so accepts can be polled with a
 /// deadline.
 fn listener(ip: &str, port: u16, mark: Option<u32>, transparent: bool) -> TcpListener {
@@ -502,7 +676,9 @@ fn listener(ip: &str, port: u16, mark: Option<u32>, transparent: bool) -> TcpLis
     if let Some(mark) = mark {
         sock.set_mark(mark).expect("SO_MARK");
     }
-    if transparent {
+    if transparent && addr.is_ipv6() {
+        sock.set_ip_transparent_v6(true).expect("IPV6_TRANSPARENT");
+    } else if transparent {
         sock.set_ip_transparent_v4(true).expect("IP_TRANSPARENT");
     }
     sock.bind(&SockAddr::from(addr))
@@ -870,6 +1046,12 @@ impl Drop for ScratchDir {
 /// (bpffs) before the namespaces, the scratch directory last. Child
 /// processes are reaped by their own guards before any of this.
 struct Lab {
+    /// The link-local addresses of the pod's and the peer's eth0, and the
+    /// interface indexes that scope them on each side.
+    pod_ll: Ipv6Addr,
+    peer_ll: Ipv6Addr,
+    pod_eth0: u32,
+    peer_eth0: u32,
     _cgroup_dir: CgroupDir,
     _cgroup_mount: MountGuard,
     bpffs: MountGuard,
@@ -916,6 +1098,14 @@ impl Lab {
         for (ns, ip, ip6) in [(&pod, POD_IP, POD_IP6), (&peer, PEER_IP, PEER_IP6)] {
             let cidr = format!("{ip}/24");
             let cidr6 = format!("{ip6}/64");
+            // No duplicate address detection, so the link-local address is
+            // usable as soon as the link is up.
+            in_netns(&ns.file, || {
+                for conf in ["all", "default", "eth0"] {
+                    let path = format!("/proc/sys/net/ipv6/conf/{conf}/accept_dad");
+                    fs::write(&path, "0").unwrap_or_else(|e| panic!("{path}: {e}"));
+                }
+            });
             for args in [
                 ["addr", "add", cidr.as_str(), "dev", "eth0"].as_slice(),
                 &["addr", "add", cidr6.as_str(), "dev", "eth0", "nodad"],
@@ -928,7 +1118,13 @@ impl Lab {
             }
         }
 
+        let (pod_ll, pod_eth0) = link_local(&pod);
+        let (peer_ll, peer_eth0) = link_local(&peer);
         Self {
+            pod_ll,
+            peer_ll,
+            pod_eth0,
+            peer_eth0,
             _cgroup_dir: cgroup_dir,
             _cgroup_mount: cgroup_mount,
             bpffs,
@@ -938,6 +1134,26 @@ impl Lab {
             cgroup,
             cgroup_id,
         }
+    }
+
+    /// Every address the pod has on eth0 (sorted), as ztunnel enrolls them.
+    fn pod_addrs(&self) -> Vec<IpAddr> {
+        let mut addrs = vec![
+            IpAddr::V4(POD_IP),
+            IpAddr::V6(POD_IP6),
+            IpAddr::V6(self.pod_ll),
+        ];
+        addrs.sort_unstable();
+        addrs
+    }
+
+    /// Connects from the peer netns and expects no connection: the SYN is
+    /// dropped (a timeout) or refused.
+    fn peer_connect_fails(&self, dst: SocketAddr) -> bool {
+        in_netns(&self.peer.file, || {
+            TcpStream::connect_timeout(&dst, Duration::from_millis(500))
+        })
+        .is_err()
     }
 
     fn ip_pod(&self, args: &[&str]) {
@@ -1044,6 +1260,34 @@ impl Lab {
         );
         (conn.local_addr().expect("local_addr"), remote)
     }
+}
+
+/// The link-local address of eth0 in `ns`, and eth0's index there.
+fn link_local(ns: &Netns) -> (Ipv6Addr, u32) {
+    let addrs = ip_json(&[
+        "-n", &ns.name, "-j", "-6", "addr", "show", "dev", "eth0", "scope", "link",
+    ]);
+    let iface = addrs
+        .as_array()
+        .and_then(|a| a.first())
+        .unwrap_or_else(|| panic!("no eth0 in {}: {addrs}", ns.name));
+    let index = iface["ifindex"]
+        .as_u64()
+        .and_then(|i| u32::try_from(i).ok());
+    let addr = iface["addr_info"]
+        .as_array()
+        .and_then(|a| a.iter().find_map(|a| a["local"].as_str()))
+        .and_then(|a| a.parse().ok());
+    match (addr, index) {
+        (Some(addr), Some(index)) => (addr, index),
+        _ => panic!("no link-local address on eth0 in {}: {addrs}", ns.name),
+    }
+}
+
+/// `ip -j …` output as JSON.
+fn ip_json(args: &[&str]) -> serde_json::Value {
+    let out = run("ip", args).unwrap_or_else(|e| panic!("{e}"));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip {args:?}: not JSON ({e}): {out}"))
 }
 
 fn make_netns(name: &str) -> Netns {
@@ -1161,10 +1405,14 @@ fn assert_links(lab: &Lab, cfg: &CaptureConfig, sk_lookup: usize) {
     ] {
         assert!(cfg.pin_dir.join(pin).exists(), "{pin} is not pinned");
     }
-    assert_eq!(
-        cfg.pin_dir.join("links/sk_lookup_10_201_0_2").exists(),
-        sk_lookup > 0
-    );
+    let pinned = fs::read_dir(cfg.pin_dir.join("links"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("sk_lookup_"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(pinned, sk_lookup, "pinned sk_lookup links");
 }
 
 /// (link id, prog id) of the cgroup links and the pod's sk_lookup links,

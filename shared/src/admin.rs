@@ -65,19 +65,18 @@ pub enum AdminError {
 
 /// Binds `addr` for the `what` listener, non-blocking, ready for [`serve`]. Binding before
 /// anything else starts makes a taken port fail startup with a clear error.
+///
+/// `[::]:port` listens on both families (see [`crate::listen`]).
 pub fn bind(addr: SocketAddr, what: &str) -> Result<std::net::TcpListener, AdminError> {
-    let l = std::net::TcpListener::bind(addr).map_err(|source| AdminError::Bind {
+    crate::listen::bind_tcp(addr, ADMIN_BACKLOG).map_err(|source| AdminError::Bind {
         what: what.to_string(),
         addr,
         source,
-    })?;
-    l.set_nonblocking(true)
-        .map_err(|source| AdminError::NonBlocking {
-            what: what.to_string(),
-            source,
-        })?;
-    Ok(l)
+    })
 }
+
+/// Listen backlog of the admin listeners: scrapes and probes, a few at a time.
+const ADMIN_BACKLOG: i32 = 128;
 
 /// Runs the future `make` returns on a thread named `admin` with its own current-thread
 /// runtime, for the life of the process.

@@ -18,6 +18,7 @@
 //! - [`trace`]: W3C `traceparent`.
 //! - [`telemetry`]: Prometheus encoding and Istio label conventions shared by both proxies.
 //! - [`admin`]: the HTTP plumbing of the metrics, readiness and admin endpoints.
+//! - [`listen`]: binding listeners on both address families.
 //! - [`logging`]: stderr logging, text or JSON, with a run-time filter handle.
 //!
 //! Feature flags: `testing` exposes helpers for tests; `fuzzing` exposes [`fuzzing`], the
@@ -35,6 +36,7 @@ pub mod drain;
 pub mod fuzzing;
 pub mod hbone;
 pub mod identity;
+pub mod listen;
 pub mod logging;
 pub mod policy;
 pub mod rlimit;

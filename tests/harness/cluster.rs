@@ -12,7 +12,7 @@
 //! without cleaning up (their PID is gone from /proc).
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -36,6 +36,8 @@ use crate::sys::{self, Join};
 const SLOTS: std::ops::RangeInclusive<u8> = 100..=199;
 /// How long tear-down waits for processes to die and cgroups to empty.
 const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long each command of [`Pod::capture_state`] may take.
+const CAPTURE_STATE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`Pod::spawn_testapp`] waits for a server to print "listening".
 const APP_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The bridge in the cluster netns joining all nodes.
@@ -49,6 +51,30 @@ pub const KEEP_STATE_ENV: &str = "AMBIT_KEEP_STATE";
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
+/// The address families of a cluster's pods. Nodes always have IPv4 too (the node network
+/// is not under test), and every interface has its link-local IPv6 address, as the kernel
+/// gives one by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IpFamilies {
+    /// Pods have an IPv4 address only (and link-local IPv6).
+    #[default]
+    V4,
+    /// Pods have an IPv4 and a ULA IPv6 address; services may have VIPs of both.
+    DualStack,
+    /// Pods have a ULA IPv6 address only.
+    V6Only,
+}
+
+impl IpFamilies {
+    fn v4(self) -> bool {
+        self != IpFamilies::V6Only
+    }
+
+    fn v6(self) -> bool {
+        self != IpFamilies::V4
+    }
+}
+
 /// A simulated cluster. See the [crate docs](crate) for the topology.
 pub struct Cluster {
     shared: Arc<ClusterShared>,
@@ -60,6 +86,7 @@ pub struct Cluster {
 /// paths, the config and the PID registry. Owns no kernel objects.
 pub(crate) struct ClusterShared {
     pub(crate) id: String,
+    pub(crate) families: IpFamilies,
     pub(crate) dir: PathBuf,
     pub(crate) slot: u8,
     pub(crate) netns_name: String,
@@ -104,6 +131,7 @@ struct NodeInner {
     name: String,
     index: u8,
     ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
     netns_name: String,
     cgroup_dir: PathBuf,
     bpffs_dir: PathBuf,
@@ -120,7 +148,8 @@ struct PodInner {
     name: String,
     namespace: String,
     service_account: String,
-    ip: Ipv4Addr,
+    ip: Option<Ipv4Addr>,
+    ip6: Option<Ipv6Addr>,
     node: Node,
     netns_name: String,
     cgroup_dir: PathBuf,
@@ -163,10 +192,17 @@ struct SlotLock {
 // === impl Cluster ===
 
 impl Cluster {
-    /// Builds an empty cluster: reserves a subnet slot, sweeps leftovers of
-    /// dead test processes, mounts a private cgroup2 and bpffs, and creates
-    /// the cluster netns with its bridge.
+    /// Builds an empty IPv4 cluster: reserves a subnet slot, sweeps leftovers
+    /// of dead test processes, mounts a private cgroup2 and bpffs, and
+    /// creates the cluster netns with its bridge.
     pub fn new() -> Result<Cluster> {
+        Self::with_families(IpFamilies::V4)
+    }
+
+    /// Like [`Cluster::new`], with pods of the given address families. IPv6
+    /// uses the ULA prefix `fd00:S::/32` of the cluster's slot `S` (hex):
+    /// nodes `fd00:S::(i+1)`, pods of node `i` `fd00:S:(i+1)::k`.
+    pub fn with_families(families: IpFamilies) -> Result<Cluster> {
         crate::require_privileges().map_err(|e| anyhow!(e))?;
         let root = Path::new(crate::STATE_ROOT);
         std::fs::create_dir_all(root.join("slots"))
@@ -209,6 +245,7 @@ impl Cluster {
 
         let netns_name = format!("{id}-c");
         let ns = resources.cluster_netns.insert(NetNs::create(&netns_name)?);
+        no_dad(&netns_name)?;
         ns.ip_batch(&[
             // forward_delay 0: ports forward immediately (STP is off anyway),
             // so the first packets of a test are never dropped.
@@ -221,6 +258,7 @@ impl Cluster {
 
         let shared = Arc::new(ClusterShared {
             id,
+            families,
             dir,
             slot: slot_num,
             netns_name,
@@ -263,6 +301,16 @@ impl Cluster {
         format!("10.{}.0.0/16", self.shared.slot)
     }
 
+    /// The cluster's IPv6 prefix, e.g. `fd00:7b::/32`.
+    pub fn subnet6(&self) -> String {
+        format!("fd00:{:x}::/32", self.shared.slot)
+    }
+
+    /// The address families of the cluster's pods.
+    pub fn families(&self) -> IpFamilies {
+        self.shared.families
+    }
+
     /// The cluster netns name (`<id>-c`).
     pub fn netns_name(&self) -> &str {
         &self.shared.netns_name
@@ -303,6 +351,8 @@ impl Cluster {
         let ip = Ipv4Addr::new(10, s, 0, index + 1);
         let netns_name = format!("{}-n-{name}", self.shared.id);
         let ns = self.track_netns(NetNs::create(&netns_name)?);
+        no_dad(&netns_name)?;
+        let ip6 = self.shared.families.v6().then(|| node_ip6(s, index));
         let peer = format!("vn{index}");
         ns.ip(&[
             "link",
@@ -333,6 +383,16 @@ impl Cluster {
             format!("addr add 10.{s}.{}.1/24 dev {NODE_BRIDGE}", index + 1),
             format!("link set {NODE_BRIDGE} up"),
         ])?;
+        if let Some(ip6) = ip6 {
+            ns.ip_batch(&[
+                format!("addr add {ip6}/64 dev eth0 nodad"),
+                format!(
+                    "addr add {}/64 dev {NODE_BRIDGE} nodad",
+                    pod_gateway6(s, index)
+                ),
+            ])?;
+            ns.sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        }
         // The node routes between its pods and the cluster, like a real
         // node's host network.
         ns.sysctl("net/ipv4/ip_forward", "1")?;
@@ -349,6 +409,7 @@ impl Cluster {
                 name: name.to_string(),
                 index,
                 ip,
+                ip6,
                 netns_name,
                 cgroup_dir,
                 bpffs_dir,
@@ -391,9 +452,12 @@ impl Cluster {
             .context("too many pods on this node")?;
         let subnet = node.inner.index + 1;
         let s = self.shared.slot;
-        let ip = Ipv4Addr::new(10, s, subnet, host);
+        let families = self.shared.families;
+        let ip = families.v4().then(|| Ipv4Addr::new(10, s, subnet, host));
+        let ip6 = families.v6().then(|| pod_ip6(s, node.inner.index, host));
         let netns_name = format!("{}-p-{}_{}", self.shared.id, spec.namespace, spec.name);
         let ns = self.track_netns(NetNs::create(&netns_name)?);
+        no_dad(&netns_name)?;
         // Interface names need only be unique per namespace: `eth0` in
         // every pod, `vp<host>` on the node.
         let peer = format!("vp{host}");
@@ -419,11 +483,25 @@ impl Cluster {
             NODE_BRIDGE,
             "up",
         ])?;
-        ns.ip_batch(&[
-            format!("addr add {ip}/24 dev eth0"),
-            "link set eth0 up".into(),
-            format!("route add default via 10.{s}.{subnet}.1"),
-        ])?;
+        let mut setup = Vec::new();
+        if let Some(ip) = ip {
+            setup.push(format!("addr add {ip}/24 dev eth0"));
+        }
+        if let Some(ip6) = ip6 {
+            setup.push(format!("addr add {ip6}/64 dev eth0 nodad"));
+        }
+        setup.push("link set eth0 up".into());
+        if ip.is_some() {
+            setup.push(format!("route add default via 10.{s}.{subnet}.1"));
+        }
+        if ip6.is_some() {
+            // `::/0` rather than `default`: in a batch the family comes from the prefix.
+            setup.push(format!(
+                "route add ::/0 via {}",
+                pod_gateway6(s, node.inner.index)
+            ));
+        }
+        ns.ip_batch(&setup)?;
         let cgroup_dir = node
             .inner
             .cgroup_dir
@@ -437,6 +515,7 @@ impl Cluster {
                 namespace: spec.namespace.clone(),
                 service_account: spec.service_account.clone(),
                 ip,
+                ip6,
                 node: node.clone(),
                 netns_name,
                 cgroup_dir,
@@ -449,7 +528,11 @@ impl Cluster {
                 name: spec.name,
                 namespace: spec.namespace,
                 service_account: spec.service_account,
-                ips: vec![ip.into()],
+                ips: ip
+                    .map(IpAddr::from)
+                    .into_iter()
+                    .chain(ip6.map(IpAddr::from))
+                    .collect(),
                 node: node.name().to_string(),
                 labels: spec.labels,
             });
@@ -812,6 +895,18 @@ impl Node {
         self.inner.ip
     }
 
+    /// The node's IPv6 address on the cluster bridge, in a cluster with IPv6 pods.
+    pub fn ip6(&self) -> Option<Ipv6Addr> {
+        self.inner.ip6
+    }
+
+    /// The node's IPv6 pod prefix, e.g. `fd00:7b:1::/64`, in a cluster with IPv6 pods.
+    pub fn pod_cidr6(&self) -> Option<String> {
+        self.inner
+            .ip6
+            .map(|_| pod_prefix6(self.inner.cluster.slot, self.inner.index))
+    }
+
     /// The node's pod CIDR, `10.S.(i+1).0/24`.
     pub fn pod_cidr(&self) -> String {
         format!(
@@ -919,9 +1014,43 @@ impl Pod {
         )
     }
 
-    /// The pod IP.
+    /// The pod's IPv4 address.
+    ///
+    /// # Panics
+    /// In an [`IpFamilies::V6Only`] cluster, where pods have none: use
+    /// [`Pod::ip6`] or [`Pod::addr`] there.
     pub fn ip(&self) -> Ipv4Addr {
-        self.inner.ip
+        self.inner.ip.unwrap_or_else(|| {
+            panic!(
+                "pod {} has no IPv4 address (IPv6-only cluster)",
+                self.name()
+            )
+        })
+    }
+
+    /// The pod's ULA IPv6 address, in a dual-stack or IPv6-only cluster.
+    ///
+    /// # Panics
+    /// In an [`IpFamilies::V4`] cluster.
+    pub fn ip6(&self) -> Ipv6Addr {
+        self.inner
+            .ip6
+            .unwrap_or_else(|| panic!("pod {} has no IPv6 address (IPv4 cluster)", self.name()))
+    }
+
+    /// The pod's primary address: IPv4 if it has one, else IPv6.
+    pub fn addr(&self) -> IpAddr {
+        match (self.inner.ip, self.inner.ip6) {
+            (Some(v4), _) => v4.into(),
+            (None, Some(v6)) => v6.into(),
+            (None, None) => unreachable!("a pod is created with at least one address"),
+        }
+    }
+
+    /// The link-local address of the pod's eth0 (every pod has one), and
+    /// eth0's interface index inside the pod.
+    pub fn link_local(&self) -> Result<(Ipv6Addr, u32)> {
+        link_local_of(self.netns_name())
     }
 
     /// The node the pod runs on.
@@ -1034,6 +1163,87 @@ impl Pod {
         })
     }
 
+    /// Everything Ambit keeps about this pod, as bpftool and ip see it, on
+    /// both address families: `pods` map entries for any of its addresses
+    /// (link-local included), sk_lookup links on its netns, the capture rules
+    /// and table-100 routes of IPv4 and IPv6, and ztunnel's listeners in it.
+    /// Empty when the pod is not enrolled.
+    pub fn capture_state(&self) -> Result<Vec<String>> {
+        let mut found = Vec::new();
+        let mut addrs: Vec<IpAddr> = self
+            .inner
+            .ip
+            .map(IpAddr::from)
+            .into_iter()
+            .chain(self.inner.ip6.map(IpAddr::from))
+            .collect();
+        addrs.push(self.link_local()?.0.into());
+        let pods_map = self.inner.node.bpffs_dir().join("maps/pods");
+        if pods_map.exists() {
+            let dump = process::run_ok(
+                Command::new("bpftool")
+                    .args(["-j", "map", "dump", "pinned"])
+                    .arg(&pods_map),
+                CAPTURE_STATE_TIMEOUT,
+            )?;
+            let entries: serde_json::Value = serde_json::from_str(&dump)?;
+            for e in entries.as_array().into_iter().flatten() {
+                let key: Vec<u8> = e["key"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|b| {
+                        b.as_str()
+                            .and_then(|s| u8::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+                    })
+                    .collect();
+                let Ok(octets) = <[u8; 16]>::try_from(key.as_slice()) else {
+                    continue;
+                };
+                if addrs.contains(&Ipv6Addr::from(octets).to_canonical()) {
+                    found.push(format!("pods map entry {e}"));
+                }
+            }
+        }
+        let inode = std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(self.netns_path()).context("pod netns inode")?,
+        );
+        let links = process::run_ok(
+            Command::new("bpftool").args(["-j", "link", "show"]),
+            CAPTURE_STATE_TIMEOUT,
+        )?;
+        let links: serde_json::Value = serde_json::from_str(&links)?;
+        for l in links.as_array().into_iter().flatten() {
+            if l["netns_ino"].as_u64() == Some(inode) {
+                found.push(format!("link {l}"));
+            }
+        }
+        for family in ["-4", "-6"] {
+            let rules = self.run_ok(
+                self.command("ip").args([family, "rule", "show"]),
+                CAPTURE_STATE_TIMEOUT,
+            )?;
+            if rules.contains("0x1000") {
+                found.push(format!("ip {family} rule: {rules}"));
+            }
+            let routes = self.run_ok(
+                self.command("ip")
+                    .args([family, "route", "show", "table", "100"]),
+                CAPTURE_STATE_TIMEOUT,
+            )?;
+            if !routes.trim().is_empty() {
+                found.push(format!("ip {family} table 100: {routes}"));
+            }
+        }
+        let ports = netns::run_in_netns(&self.netns_path(), netns::listen_ports_here)??;
+        for port in [15001, 15006, 15008, 15053] {
+            if ports.contains(&port) {
+                found.push(format!("listener on {port}"));
+            }
+        }
+        Ok(found)
+    }
+
     /// Waits until something in the pod listens on TCP `port`.
     pub fn wait_listening(&self, port: u16, timeout: Duration) -> Result<()> {
         let path = self.netns_path();
@@ -1053,6 +1263,7 @@ impl std::fmt::Debug for Pod {
             .field("name", &self.inner.name)
             .field("namespace", &self.inner.namespace)
             .field("ip", &self.inner.ip)
+            .field("ip6", &self.inner.ip6)
             .field("node", &self.inner.node.name())
             .finish()
     }
@@ -1181,7 +1392,16 @@ fn route_nodes(nodes: &[Node]) -> Result<()> {
         let routes: Vec<String> = nodes
             .iter()
             .filter(|o| o.name() != n.name())
-            .map(|o| format!("route replace {} via {}", o.pod_cidr(), o.ip()))
+            .flat_map(|o| {
+                let v4 = format!("route replace {} via {}", o.pod_cidr(), o.ip());
+                let v6 = o.ip6().map(|ip6| {
+                    format!(
+                        "route replace {} via {ip6}",
+                        o.pod_cidr6().unwrap_or_default()
+                    )
+                });
+                std::iter::once(v4).chain(v6)
+            })
             .collect();
         if !routes.is_empty() {
             netns::ip_batch(n.netns_name(), &routes)?;
@@ -1316,6 +1536,70 @@ fn program_stem(cmd: &Command) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+/// Node `index`'s IPv6 address on the cluster bridge: `fd00:S::(index+1)`.
+fn node_ip6(slot: u8, index: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, slot.into(), 0, 0, 0, 0, 0, u16::from(index) + 1)
+}
+
+/// The IPv6 pod prefix of node `index`: `fd00:S:(index+1)::/64`.
+fn pod_prefix6(slot: u8, index: u8) -> String {
+    format!("fd00:{slot:x}:{:x}::/64", u16::from(index) + 1)
+}
+
+/// Node `index`'s address on its pod bridge, the pods' IPv6 gateway.
+fn pod_gateway6(slot: u8, index: u8) -> Ipv6Addr {
+    pod_ip6(slot, index, 1)
+}
+
+/// The `host`-th IPv6 address of node `index`'s pod prefix.
+fn pod_ip6(slot: u8, index: u8, host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfd00,
+        slot.into(),
+        u16::from(index) + 1,
+        0,
+        0,
+        0,
+        0,
+        host.into(),
+    )
+}
+
+/// Turns off IPv6 duplicate address detection in a new namespace, before
+/// any interface exists: every address, link-local included, is usable the
+/// moment its link is up instead of about a second later.
+fn no_dad(netns_name: &str) -> Result<()> {
+    for conf in ["all", "default"] {
+        for key in ["accept_dad", "dad_transmits"] {
+            netns::sysctl(netns_name, &format!("net/ipv6/conf/{conf}/{key}"), "0")?;
+        }
+    }
+    Ok(())
+}
+
+/// The link-local IPv6 address of `eth0` in a namespace, and eth0's index.
+fn link_local_of(netns_name: &str) -> Result<(Ipv6Addr, u32)> {
+    let out = netns::ip_output(&[
+        "-n", netns_name, "-j", "-6", "addr", "show", "dev", "eth0", "scope", "link",
+    ])?;
+    let json: serde_json::Value = serde_json::from_str(&out)
+        .with_context(|| format!("`ip -j addr` in {netns_name} printed no JSON: {out}"))?;
+    let iface = json
+        .as_array()
+        .and_then(|a| a.first())
+        .with_context(|| format!("no eth0 in {netns_name}: {out}"))?;
+    let index = iface["ifindex"]
+        .as_u64()
+        .and_then(|i| u32::try_from(i).ok())
+        .with_context(|| format!("no ifindex for eth0 in {netns_name}: {out}"))?;
+    let addr = iface["addr_info"]
+        .as_array()
+        .and_then(|a| a.iter().find_map(|a| a["local"].as_str()))
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("no link-local address on eth0 in {netns_name}: {out}"))?;
+    Ok((addr, index))
 }
 
 #[cfg(test)]

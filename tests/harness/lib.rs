@@ -70,7 +70,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 
 pub use capture::{Capture, pcap_contains, pcap_text, tcp_ports_seen};
-pub use cluster::{Cluster, Footprint, Node, Pod, PodSpec};
+pub use cluster::{Cluster, Footprint, IpFamilies, Node, Pod, PodSpec};
 pub use config::Config;
 pub use fake_apiserver::FakeApiServer;
 pub use process::{OutputLine, Proc, Stream};

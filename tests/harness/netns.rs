@@ -104,6 +104,11 @@ impl Drop for NetNs {
 
 /// Runs `ip <args>` and fails with its stderr.
 pub fn ip(args: &[&str]) -> Result<()> {
+    ip_output(args).map(drop)
+}
+
+/// Runs `ip <args>` and returns its stdout, failing with its stderr.
+pub fn ip_output(args: &[&str]) -> Result<String> {
     let out = Command::new("ip")
         .args(args)
         .stdin(Stdio::null())
@@ -117,7 +122,7 @@ pub fn ip(args: &[&str]) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs several `ip` commands (one per line, without the leading `ip`) in

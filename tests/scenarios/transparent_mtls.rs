@@ -374,75 +374,13 @@ fn plain_pods_get_passthrough_and_reach_enrolled_pods_through_15006() -> Result<
     Ok(())
 }
 
-/// Everything Ambit keeps about a pod, as bpftool and ip see it.
-fn capture_state(node: &Node, pod: &Pod) -> Result<Vec<String>> {
-    let mut found = Vec::new();
-    let pods_map = node.bpffs_dir().join("maps/pods");
-    let dump = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(&pods_map)
-        .output()?;
-    ensure!(
-        dump.status.success(),
-        "bpftool map dump {}: {}",
-        pods_map.display(),
-        String::from_utf8_lossy(&dump.stderr)
-    );
-    let entries: Value = serde_json::from_slice(&dump.stdout)?;
-    let ip = pod.ip().octets();
-    for e in entries.as_array().into_iter().flatten() {
-        let key: Vec<u8> = e["key"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|b| {
-                b.as_str()
-                    .and_then(|s| u8::from_str_radix(s.trim_start_matches("0x"), 16).ok())
-            })
-            .collect();
-        if key.len() >= 16 && key[12..16] == ip {
-            found.push(format!("pods map entry {e}"));
-        }
-    }
-    let inode = std::fs::metadata(pod.netns_path())
-        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-        .context("pod netns inode")?;
-    let links = Command::new("bpftool")
-        .args(["-j", "link", "show"])
-        .output()?;
-    let links: Value = serde_json::from_slice(&links.stdout)?;
-    for l in links.as_array().into_iter().flatten() {
-        if l["netns_ino"].as_u64() == Some(inode) {
-            found.push(format!("link {l}"));
-        }
-    }
-    let pins = std::fs::read_dir(node.bpffs_dir().join("links"))?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(&pod.ip().to_string().replace('.', "_")))
-        .collect::<Vec<_>>();
-    found.extend(pins.into_iter().map(|p| format!("pinned link {p}")));
-    let rules = pod.run_ok(pod.command("ip").args(["rule", "show"]), SHORT)?;
-    if rules.contains("0x1000") {
-        found.push(format!("ip rule: {rules}"));
-    }
-    let routes = pod.run_ok(
-        pod.command("ip").args(["route", "show", "table", "100"]),
-        SHORT,
-    )?;
-    if !routes.trim().is_empty() {
-        found.push(format!("table 100: {routes}"));
-    }
-    Ok(found)
-}
-
 #[test]
 fn unenrolling_a_pod_sends_its_traffic_direct_and_leaves_no_state() -> Result<()> {
     harness::skip_or_fail!(Ok(()));
     let m = mesh(&ZtunnelOpts::default())?;
     let (_, _, peer) = http_get(&m.client, &m.api)?;
     assert!(peer.starts_with("127.0.0.6:"), "before: api saw {peer}");
-    let before = capture_state(&m.a, &m.client)?;
+    let before = m.client.capture_state()?;
     assert!(
         before.len() >= 4,
         "expected map entry, link, pin, rule and route, got {before:?}"
@@ -456,7 +394,11 @@ fn unenrolling_a_pod_sends_its_traffic_direct_and_leaves_no_state() -> Result<()
     m.zt_a.wait_for_log_since(cursor, LONG, |v| {
         message(v) == Some("pod un-enrolled") && field_str(v, "pod") == "shop/client"
     })?;
-    let after = capture_state(&m.a, &m.client)?;
+    // The listeners close as their tasks are cancelled: give that a moment.
+    let _ = harness::wait_until(SHORT, || {
+        m.client.capture_state().is_ok_and(|s| s.is_empty())
+    });
+    let after = m.client.capture_state()?;
     assert!(after.is_empty(), "state left after un-enrolling: {after:?}");
 
     // Direct now: the client's packets reach node b's 15006 as plaintext from its own IP.

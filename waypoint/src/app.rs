@@ -81,6 +81,9 @@ fn spawn_routes(
     rx
 }
 
+/// Listen backlog of the HBONE listener.
+const HBONE_BACKLOG: i32 = 1024;
+
 /// A started waypoint: where it listens, and the handle that drains it.
 #[derive(Debug)]
 pub struct Running {
@@ -164,8 +167,8 @@ pub async fn start_with(
 
     let admin_listeners = admin::Listeners::bind(settings.metrics_addr, settings.readiness_addr)?;
     let (metrics_addr, readiness_addr) = admin_listeners.local_addrs()?;
-    let hbone = TcpListener::bind(settings.listen)
-        .await
+    let hbone = ambit_shared::listen::bind_tcp(settings.listen, HBONE_BACKLOG)
+        .and_then(TcpListener::from_std)
         .with_context(|| format!("binding the HBONE listener on {}", settings.listen))?;
     let hbone_addr = hbone
         .local_addr()

@@ -88,14 +88,14 @@ struct RunArgs {
     /// Certificate lifetime, e.g. 24h; renewed at half-life.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     cert_ttl: Duration,
-    /// HBONE listener.
-    #[arg(long, default_value = "0.0.0.0:15008")]
+    /// HBONE listener; `[::]` is every address of both families.
+    #[arg(long, default_value = "[::]:15008")]
     listen: SocketAddr,
     /// Prometheus metrics (`/metrics`).
-    #[arg(long, default_value = "0.0.0.0:15020")]
+    #[arg(long, default_value = "[::]:15020")]
     metrics_addr: SocketAddr,
     /// Readiness (`/healthz/ready`).
-    #[arg(long, default_value = "0.0.0.0:15021")]
+    #[arg(long, default_value = "[::]:15021")]
     readiness_addr: SocketAddr,
     /// On SIGTERM, how long open connections may take to finish before the waypoint exits
     /// anyway. WebSockets are told to close (1001) at once; HTTP/2 clients get GOAWAY.

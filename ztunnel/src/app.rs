@@ -22,7 +22,7 @@ use tracing::info;
 use crate::admin::{self, Readiness};
 use crate::dns::{DnsProxy, DnsSettings};
 use crate::enroll::Enroller;
-use crate::metrics::{self, CertMetrics, ConfigReloads, Traffic};
+use crate::metrics::{self, CaptureMetrics, CertMetrics, ConfigReloads, Traffic};
 use crate::proxy::ProxyContext;
 
 /// How often pods whose namespace was not found yet are looked for again.
@@ -73,6 +73,7 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
     let ambit = registry.sub_registry_with_prefix("ambit");
     let reloads = ConfigReloads::new(ambit);
     let cert_metrics = CertMetrics::new(ambit);
+    let capture_metrics = CaptureMetrics::new(ambit);
 
     let (mut rx, config_task) =
         source::start(&settings.source, move |outcome| reloads.record(outcome)).await?;
@@ -138,6 +139,7 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
         certs,
         ctx,
         Arc::new(dns),
+        capture_metrics,
     );
 
     tokio::spawn(config_task);
@@ -167,7 +169,7 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
                 let _ = reply.send(enroller.cni(&req, &config));
                 continue;
             }
-            _ = netns_check.tick() => enroller.drop_replaced_pods(),
+            _ = netns_check.tick() => enroller.drop_replaced_pods().await,
             changed = rx.changed() => {
                 if changed.is_err() { break; }
             }

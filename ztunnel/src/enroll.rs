@@ -14,23 +14,33 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ambit_ebpf::{Capture, DnsCapture, PodCapture};
+use ambit_ebpf::{Capture, PodCapture};
 use ambit_shared::config::{
     Config, DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, WAYPOINT_NAME_LABEL, Workload,
 };
 use ambit_shared::identity::Identity;
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::capture::{self, Netns, PodListeners};
+use crate::capture::netns::Presence;
+use crate::capture::routing::{self, Sources};
+use crate::capture::{self, FamilyListeners, Netns, PodAddrs, PodListeners};
 use crate::cni;
 use crate::dns::DnsProxy;
+use crate::metrics::CaptureMetrics;
 use crate::proxy::{self, Pod, ProxyContext};
 use ambit_shared::certs::CertManager;
+
+/// A workload by `(namespace, name)`: what a running pod is keyed by, whatever addresses it
+/// has.
+type PodKey = (String, String);
 
 /// A pod this ztunnel serves.
 struct RunningPod {
     pod: Arc<Pod>,
+    netns_cookie: u64,
+    /// The workload's addresses in the config when it was enrolled: a change re-enrolls it.
+    configured: Vec<IpAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -52,7 +62,8 @@ pub struct Enroller {
     certs: CertManager,
     ctx: Arc<ProxyContext>,
     dns: Arc<DnsProxy>,
-    running: HashMap<IpAddr, RunningPod>,
+    metrics: CaptureMetrics,
+    running: HashMap<PodKey, RunningPod>,
     /// Pods held closed by the CNI hook until the config says what they are, by netns cookie.
     holds: HashMap<u64, Hold>,
 }
@@ -66,6 +77,10 @@ pub struct Outcome {
     pub held: usize,
 }
 
+fn key_of(w: &Workload) -> PodKey {
+    (w.namespace.clone(), w.name.clone())
+}
+
 impl Enroller {
     /// Creates the enroller; `capture` may hold state adopted from a previous run.
     pub fn new(
@@ -75,6 +90,7 @@ impl Enroller {
         certs: CertManager,
         ctx: Arc<ProxyContext>,
         dns: Arc<DnsProxy>,
+        metrics: CaptureMetrics,
     ) -> Self {
         Enroller {
             node,
@@ -83,6 +99,7 @@ impl Enroller {
             certs,
             ctx,
             dns,
+            metrics,
             running: HashMap::new(),
             holds: HashMap::new(),
         }
@@ -97,87 +114,115 @@ impl Enroller {
     }
 
     async fn reconcile_pods(&mut self, config: &Config) -> Outcome {
-        let desired: HashMap<IpAddr, (&Workload, Identity)> = config
+        let mut unusable = HashSet::new();
+        let desired: HashMap<PodKey, (&Workload, Identity)> = config
             .workloads
             .iter()
             // Waypoint pods speak HBONE themselves; capturing them would loop their traffic.
             .filter(|w| w.node == self.node && config.is_enrolled(w) && !w.labels.contains_key(WAYPOINT_NAME_LABEL))
             .filter_map(|w| match config.identity_of(w) {
-                Ok(id) => Some((w, id)),
+                Ok(id) => Some((key_of(w), (w, id))),
                 Err(e) => {
-                    warn!(workload = %format!("{}/{}", w.namespace, w.name), error = %e, "skipping workload");
+                    warn!(workload = %format!("{}/{}", w.namespace, w.name), error = %e, "cannot enroll workload; a running pod keeps its capture");
+                    unusable.insert(key_of(w));
                     None
                 }
             })
-            .flat_map(|(w, id)| {
-                w.ips.iter().filter(|ip| ip.is_ipv4()).map(move |ip| (*ip, (w, id.clone())))
-            })
             .collect();
 
-        // Leave: pods gone from the config, opted out, or whose identity changed.
-        let leaving: Vec<IpAddr> = self
+        // Leave: pods the config no longer enrolls here. A running pod whose workload is
+        // still listed but unusable right now (its identity cannot be derived) is not one of
+        // them: an error never turns capture off.
+        let leaving: Vec<PodKey> = self
+            .running
+            .keys()
+            .filter(|k| !desired.contains_key(*k) && !unusable.contains(*k))
+            .cloned()
+            .collect();
+        for key in leaving {
+            if let Some(r) = self.running.remove(&key) {
+                self.unenroll(&r).await;
+            }
+        }
+        // Re-enroll in place: pods whose identity or addresses changed. Dropping the running
+        // pod closes its listeners but keeps its eBPF state, so until the new enrollment
+        // below replaces it the pod's connections are refused, never sent uncaptured.
+        let changed: Vec<PodKey> = self
             .running
             .iter()
-            .filter(|(ip, r)| {
+            .filter(|(k, r)| {
                 desired
-                    .get(ip)
-                    .is_none_or(|(w, id)| *id != r.pod.identity || w.name != r.pod.name)
+                    .get(*k)
+                    .is_some_and(|(w, id)| *id != r.pod.identity || w.ips != r.configured)
             })
-            .map(|(ip, _)| *ip)
+            .map(|(k, _)| k.clone())
             .collect();
-        for ip in leaving {
-            if let Some(r) = self.running.remove(&ip) {
-                self.unenroll(ip, Some(&r.pod.netns), &r.pod.workload());
+        for key in changed {
+            if let Some(r) = self.running.remove(&key) {
+                info!(pod = %r.pod.workload(), "pod identity or addresses changed; re-enrolling");
             }
         }
-        // State pinned by an earlier ztunnel for pods that are no longer ours.
-        match self.capture.enrolled_pods() {
-            Ok(pinned) => {
-                let stale: Vec<IpAddr> = pinned
-                    .into_iter()
-                    .filter(|ip| !desired.contains_key(ip) && !self.running.contains_key(ip))
-                    .collect();
-                if !stale.is_empty() {
-                    let found = capture::netns::find_by_ip(
-                        &self.netns_dir,
-                        &stale.iter().copied().collect(),
-                    );
-                    for ip in stale {
-                        self.unenroll(ip, found.get(&ip), "(stale pinned state)");
-                    }
-                }
-            }
-            Err(e) => warn!(error = %e, "cannot list pinned pods"),
-        }
+        self.remove_stale_pinned(&desired).await;
 
         // Join: pods not running yet.
-        let missing: HashSet<IpAddr> = desired
+        let missing: Vec<&PodKey> = desired
             .keys()
-            .filter(|ip| !self.running.contains_key(ip))
-            .copied()
+            .filter(|k| !self.running.contains_key(*k))
             .collect();
         if missing.is_empty() {
             self.certs
                 .retain(|id| self.running.values().any(|r| &r.pod.identity == id));
             return Outcome::default();
         }
-        let mut found = capture::netns::find_by_ip(&self.netns_dir, &missing);
+        let wanted: HashSet<IpAddr> = missing
+            .iter()
+            .filter_map(|k| desired.get(*k))
+            .flat_map(|(w, _)| w.ips.iter().map(IpAddr::to_canonical))
+            .collect();
+        let scan = capture::netns::find_by_ip(&self.netns_dir, &wanted);
+        self.count_lookup_errors(&scan);
+        let mut found = scan.found;
         let mut pending = 0;
-        for ip in missing {
-            let Some(netns) = found.remove(&ip) else {
+        for key in missing {
+            let Some((w, id)) = desired.get(key) else {
+                continue;
+            };
+            let pod = format!("{}/{}", w.namespace, w.name);
+            // The namespace holding the workload's first address found; every other one
+            // found must be in the same namespace, or the config and the node disagree.
+            let handles: Vec<Netns> = w
+                .ips
+                .iter()
+                .filter_map(|ip| found.remove(&ip.to_canonical()))
+                .collect();
+            let Some(netns) = handles.first() else {
                 pending += 1;
                 continue;
             };
-            let Some((w, id)) = desired.get(&ip) else {
+            if let Some(other) = handles.iter().find(|n| n.inode() != netns.inode()) {
+                warn!(%pod, netns = %netns.path().display(), other = %other.path().display(),
+                    "the workload's addresses are in different network namespaces; not enrolling it");
+                pending += 1;
+                continue;
+            }
+            let Ok(netns) = netns.try_clone() else {
+                pending += 1;
                 continue;
             };
-            match self.enroll(ip, netns, w, id.clone()).await {
+            // Kept for the hold below: `enroll` consumes its handle.
+            let held = netns.try_clone();
+            match self.enroll(netns, w, id.clone()).await {
                 Ok(r) => {
-                    self.running.insert(ip, r);
+                    self.running.insert(key.clone(), r);
                 }
                 Err(e) => {
-                    warn!(pod = %format!("{}/{}", w.namespace, w.name), %ip, error = %e, "enrolling pod failed; will retry");
+                    warn!(%pod, error = %format!("{e:#}"), "enrolling pod failed; holding it closed and retrying");
                     pending += 1;
+                    match held {
+                        Ok(ns) => self.hold_failed(&ns, w),
+                        Err(e) => error!(%pod, error = %e,
+                            "cannot hold the pod closed after a failed enrollment; retrying"),
+                    }
                 }
             }
         }
@@ -186,111 +231,249 @@ impl Enroller {
         Outcome { pending, held: 0 }
     }
 
+    /// State pinned by an earlier ztunnel for pods that are no longer ours: neither running
+    /// nor about to be (none of their addresses is wanted by the config).
+    async fn remove_stale_pinned(&mut self, desired: &HashMap<PodKey, (&Workload, Identity)>) {
+        let pinned = match self.capture.enrolled_pods() {
+            Ok(pinned) => pinned,
+            Err(e) => {
+                warn!(error = %e, "cannot list pinned pods");
+                return;
+            }
+        };
+        let running: HashSet<u64> = self.running.values().map(|r| r.netns_cookie).collect();
+        let wanted: HashSet<IpAddr> = desired
+            .values()
+            .flat_map(|(w, _)| w.ips.iter().map(IpAddr::to_canonical))
+            .collect();
+        let stale: Vec<_> = pinned
+            .into_iter()
+            .filter(|p| {
+                !running.contains(&p.netns_cookie) && !p.addrs.iter().any(|a| wanted.contains(a))
+            })
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        let scan = capture::netns::find_by_ip(
+            &self.netns_dir,
+            &stale.iter().flat_map(|p| p.addrs.iter().copied()).collect(),
+        );
+        self.count_lookup_errors(&scan);
+        for p in stale {
+            let pod = format!("(stale pinned state) {:?}", p.addrs);
+            if let Err(e) = self.capture.unenroll(p.netns_cookie) {
+                warn!(%pod, error = %e, "removing eBPF state failed");
+            }
+            if let Some(ns) = p.addrs.iter().find_map(|a| scan.found.get(a))
+                && let Err(e) = routing::remove(ns).await
+            {
+                warn!(%pod, error = %e, "removing capture routing failed");
+            }
+            info!(%pod, netns_cookie = p.netns_cookie, "pod un-enrolled");
+        }
+    }
+
     /// Drops pods whose network namespace is gone or was replaced (a pod re-created with the
     /// same IP). Our own handle keeps an old namespace alive, so this is the only way to
     /// notice; the next [`Enroller::reconcile`] enrolls the new namespace.
-    pub fn drop_replaced_pods(&mut self) {
-        if self.running.is_empty() {
+    ///
+    /// Only positive evidence un-enrolls: the path we found the pod by names another
+    /// namespace or nothing, *and* its address is in another namespace or a complete scan
+    /// found it nowhere. A lookup that fails (out of file descriptors, say) keeps the pod
+    /// enrolled, is counted, and is tried again at the next check.
+    pub async fn drop_replaced_pods(&mut self) {
+        // The cheap check first: it needs no file descriptor.
+        let checks: HashMap<PodKey, std::io::Result<bool>> = self
+            .running
+            .iter()
+            .map(|(k, r)| (k.clone(), capture::netns::path_still_names(&r.pod.netns)))
+            .collect();
+        let uncertain: Vec<PodKey> = checks
+            .iter()
+            .filter(|(_, check)| !matches!(check, Ok(true)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if uncertain.is_empty() {
             return;
         }
-        let ips: HashSet<IpAddr> = self.running.keys().copied().collect();
-        let found = capture::netns::find_by_ip(&self.netns_dir, &ips);
-        for ip in ips {
-            let Some(running) = self.running.get(&ip) else {
+        let wanted: HashSet<IpAddr> = uncertain
+            .iter()
+            .filter_map(|k| self.running.get(k)?.pod.primary())
+            .collect();
+        let scan = capture::netns::find_by_ip(&self.netns_dir, &wanted);
+        self.count_lookup_errors(&scan);
+        for key in uncertain {
+            let (Some(running), Some(check)) = (self.running.get(&key), checks.get(&key)) else {
                 continue;
             };
-            if found
-                .get(&ip)
-                .is_some_and(|ns| ns.inode() == running.pod.netns.inode())
-            {
+            let Some(ip) = running.pod.primary() else {
                 continue;
+            };
+            match capture::netns::presence(&running.pod.netns, ip, check, &scan) {
+                Presence::Present => {}
+                Presence::Unknown { reason } => {
+                    warn!(pod = %running.pod.workload(), %ip, %reason,
+                        "cannot tell whether the pod's network namespace still exists; keeping it enrolled");
+                }
+                gone_or_replaced => {
+                    warn!(pod = %running.pod.workload(), %ip, presence = ?gone_or_replaced,
+                        "pod network namespace is gone or was replaced");
+                    if let Some(r) = self.running.remove(&key) {
+                        self.unenroll(&r).await;
+                    }
+                }
             }
-            warn!(pod = %running.pod.workload(), %ip, "pod network namespace is gone or was replaced");
-            if let Some(r) = self.running.remove(&ip) {
-                self.unenroll(ip, Some(&r.pod.netns), &r.pod.workload());
+        }
+    }
+
+    fn count_lookup_errors(&self, scan: &capture::netns::Scan) {
+        if let Some(first) = scan.errors.first() {
+            self.metrics
+                .netns_lookup_errors
+                .inc_by(scan.errors.len() as u64);
+            debug!(errors = scan.errors.len(), %first, "netns lookup incomplete");
+        }
+    }
+
+    /// After a failed enrollment, holds the pod's netns closed (as the CNI hook does) so
+    /// that its connections are refused rather than sent uncaptured until a retry succeeds.
+    fn hold_failed(&mut self, netns: &Netns, w: &Workload) {
+        let pod = format!("{}/{}", w.namespace, w.name);
+        let cookie = match netns_cookie_of(netns) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(%pod, error = %e, "cannot hold the pod closed after a failed enrollment (netns cookie); retrying");
+                return;
+            }
+        };
+        match self.capture.hold(cookie, &w.ips) {
+            Ok(true) => {
+                let now = Instant::now();
+                self.holds.insert(
+                    cookie,
+                    Hold {
+                        ips: w.ips.clone(),
+                        namespace: w.namespace.clone(),
+                        name: w.name.clone(),
+                        container_id: String::new(),
+                        netns: Some((netns.path().to_path_buf(), netns.inode())),
+                        since: now,
+                        warned: now,
+                    },
+                );
+            }
+            // Already enrolled or held: its capture stays as it is.
+            Ok(false) => {}
+            Err(e) => {
+                error!(%pod, error = %e, "cannot hold the pod closed after a failed enrollment; retrying")
             }
         }
     }
 
     async fn enroll(
         &mut self,
-        ip: IpAddr,
         netns: Netns,
         w: &Workload,
         identity: Identity,
     ) -> anyhow::Result<RunningPod> {
         let cert = self.certs.get(&identity).await?;
         let netns = Arc::new(netns);
-        let PodListeners {
-            outbound,
-            inbound_plaintext,
-            hbone,
-        } = capture::open_listeners(&netns)?;
-        let dns = capture::dns::open_listeners(&netns)?;
-        capture::install_routing(&netns, ip)?;
-        let cookie = ambit_ebpf::netns_cookie(hbone.as_fd())?;
+        let addrs = PodAddrs::new(&netns.addresses()?, &w.ips);
+        let workload = format!("{}/{}", w.namespace, w.name);
+        for ip in addrs.missing(&w.ips) {
+            warn!(pod = %workload, %ip, "the config lists an address the pod does not have; peers dialling it will fail");
+        }
+        if addrs.v4().is_empty() && addrs.v6().is_empty() {
+            anyhow::bail!("the pod has no address in its network namespace yet");
+        }
+        let listeners = capture::open_listeners(&netns, &addrs)?;
+        let dns = capture::dns::open_listeners(&netns, &addrs)?;
+        let sources = Sources {
+            v4: addrs.primary_v4().and_then(|ip| match ip {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            }),
+            v6: addrs.primary_v6().and_then(|ip| match ip {
+                IpAddr::V6(v6) => Some(v6),
+                IpAddr::V4(_) => None,
+            }),
+        };
+        routing::install(&netns, sources, addrs.ipv6_on()).await?;
+        let cookie = ambit_ebpf::netns_cookie(
+            listeners
+                .any_fd()
+                .ok_or_else(|| anyhow::anyhow!("no listener was opened"))?,
+        )?;
         // Before `enroll`: DNS redirection starts when the pod is enrolled, with its proxy ready.
-        self.capture.enroll_dns(&DnsCapture {
-            pod_ip: ip,
-            netns_cookie: cookie,
-            udp_listener: dns.udp_fd(),
-        })?;
+        self.capture.enroll_dns(&dns.capture(&addrs, cookie))?;
         self.capture.enroll(&PodCapture {
-            pod_ip: ip,
             netns: netns.file().as_fd(),
             netns_cookie: cookie,
-            outbound_listener: outbound.as_fd(),
-            inbound_listener: inbound_plaintext.as_fd(),
+            v4: PodListeners::family(&listeners.v4, addrs.primary_v4(), addrs.v4()),
+            v6: PodListeners::family(&listeners.v6, addrs.primary_v6(), addrs.v6()),
         })?;
         let pod = Arc::new(Pod {
             name: w.name.clone(),
             namespace: w.namespace.clone(),
             identity,
-            ip,
+            addrs: addrs.all(),
             netns,
             cert,
         });
-        let acceptor = proxy::inbound::acceptor(&pod, &self.ctx)?;
-        let ctx = self.ctx.clone();
-        let (p1, p2, p3) = (pod.clone(), pod.clone(), pod.clone());
-        let ctx3 = self.ctx.clone();
-        let tasks = vec![
-            tokio::spawn(self.dns.clone().serve(dns, pod.clone())),
-            tokio::spawn(proxy::accept_loop(
-                outbound,
-                "outbound",
-                pod.clone(),
-                move |s, peer| proxy::outbound::handle(s, peer, p1.clone(), ctx.clone()),
-            )),
-            tokio::spawn({
-                let ctx = self.ctx.clone();
-                proxy::accept_loop(hbone, "hbone", pod.clone(), move |s, peer| {
-                    proxy::inbound::handle(s, peer, acceptor.clone(), p2.clone(), ctx.clone())
-                })
-            }),
-            tokio::spawn(proxy::accept_loop(
-                inbound_plaintext,
-                "inbound_plaintext",
-                pod.clone(),
-                move |s, peer| proxy::inbound_plaintext::handle(s, peer, p3.clone(), ctx3.clone()),
-            )),
-        ];
-        info!(pod = %pod.workload(), %ip, identity = %pod.identity, netns = %pod.netns.path().display(),
-            netns_inode = pod.netns.inode(), "pod enrolled");
-        Ok(RunningPod { pod, tasks })
+        let mut tasks = vec![tokio::spawn(self.dns.clone().serve(dns, pod.clone()))];
+        for family in [listeners.v4, listeners.v6].into_iter().flatten() {
+            tasks.extend(self.serve(family, &pod)?);
+        }
+        info!(pod = %pod.workload(), addrs = ?pod.addrs, identity = %pod.identity, netns = %pod.netns.path().display(),
+            netns_inode = pod.netns.inode(), netns_cookie = cookie, "pod enrolled");
+        Ok(RunningPod {
+            pod,
+            netns_cookie: cookie,
+            configured: w.ips.clone(),
+            tasks,
+        })
     }
 
-    fn unenroll(&mut self, ip: IpAddr, netns: Option<&Netns>, workload: &str) {
+    /// The accept loops of one family's listeners.
+    fn serve(&self, l: FamilyListeners, pod: &Arc<Pod>) -> anyhow::Result<Vec<JoinHandle<()>>> {
+        let acceptor = proxy::inbound::acceptor(pod, &self.ctx)?;
+        let (p1, p2, p3) = (pod.clone(), pod.clone(), pod.clone());
+        let (c1, c2, c3) = (self.ctx.clone(), self.ctx.clone(), self.ctx.clone());
+        Ok(vec![
+            tokio::spawn(proxy::accept_loop(
+                l.outbound,
+                "outbound",
+                pod.clone(),
+                move |s, peer| proxy::outbound::handle(s, peer, p1.clone(), c1.clone()),
+            )),
+            tokio::spawn(proxy::accept_loop(
+                l.hbone,
+                "hbone",
+                pod.clone(),
+                move |s, peer| {
+                    proxy::inbound::handle(s, peer, acceptor.clone(), p2.clone(), c2.clone())
+                },
+            )),
+            tokio::spawn(proxy::accept_loop(
+                l.inbound_plaintext,
+                "inbound_plaintext",
+                pod.clone(),
+                move |s, peer| proxy::inbound_plaintext::handle(s, peer, p3.clone(), c3.clone()),
+            )),
+        ])
+    }
+
+    async fn unenroll(&mut self, r: &RunningPod) {
+        let workload = r.pod.workload();
         // eBPF first, so capture stops before the routing that serves it goes away.
-        if let Err(e) = self.capture.unenroll(ip) {
-            warn!(pod = workload, %ip, error = %e, "removing eBPF state failed");
+        if let Err(e) = self.capture.unenroll(r.netns_cookie) {
+            warn!(pod = %workload, error = %e, "removing eBPF state failed");
         }
-        if let Some(ns) = netns
-            && let Err(e) = capture::remove_routing(ns)
-        {
-            warn!(pod = workload, %ip, error = %e, "removing capture routing failed");
+        if let Err(e) = routing::remove(&r.pod.netns).await {
+            warn!(pod = %workload, error = %e, "removing capture routing failed");
         }
-        info!(pod = workload, %ip, "pod un-enrolled");
+        info!(pod = %workload, addrs = ?r.pod.addrs, "pod un-enrolled");
     }
 }
 
@@ -301,7 +484,8 @@ const HOLD_WARN_AFTER: Duration = Duration::from_secs(120);
 /// A pod's netns held closed by the CNI hook (`enrolled[cookie]` with no listener).
 #[derive(Debug)]
 struct Hold {
-    ip: IpAddr,
+    /// The addresses the pod was held with (from the CNI request or the config).
+    ips: Vec<IpAddr>,
     /// Empty for holds adopted from a previous ztunnel's pinned maps.
     namespace: String,
     name: String,
@@ -338,12 +522,16 @@ impl Enroller {
         match self.capture.holds() {
             Ok(pinned) => {
                 let now = Instant::now();
-                for (cookie, ip) in pinned {
-                    warn!(%ip, netns_cookie = cookie, "adopting a pod hold left by an earlier ztunnel");
+                for (cookie, ips) in pinned {
+                    warn!(
+                        ?ips,
+                        netns_cookie = cookie,
+                        "adopting a pod hold left by an earlier ztunnel"
+                    );
                     self.holds.insert(
                         cookie,
                         Hold {
-                            ip,
+                            ips,
                             namespace: String::new(),
                             name: String::new(),
                             container_id: String::new(),
@@ -409,24 +597,18 @@ impl Enroller {
                     Ok(c) => c,
                     Err(e) => return Response::refuse(format!("pod {pod}: netns cookie: {e}")),
                 };
-                // A pod without an address is still held: the IP only lets its own
-                // address through the hooks, which it cannot use anyway.
-                let ip = req
-                    .ips
-                    .iter()
-                    .find(|ip| ip.is_ipv4())
-                    .or(req.ips.first())
-                    .copied()
-                    .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-                if let Err(e) = self.capture.hold(cookie, ip) {
-                    warn!(%pod, %ip, error = %e, "CNI ADD: holding the pod failed; refusing");
+                // A pod without an address is still held: the addresses only tell its own
+                // from everyone else's, which it cannot use anyway.
+                let ips: Vec<IpAddr> = req.ips.iter().map(IpAddr::to_canonical).collect();
+                if let Err(e) = self.capture.hold(cookie, &ips) {
+                    warn!(%pod, ?ips, error = %e, "CNI ADD: holding the pod failed; refusing");
                     return Response::refuse(format!("pod {pod}: {e}"));
                 }
                 let now = Instant::now();
                 self.holds.insert(
                     cookie,
                     Hold {
-                        ip,
+                        ips: ips.clone(),
                         namespace: req.namespace.clone(),
                         name: req.name.clone(),
                         container_id: req.container_id.clone(),
@@ -435,7 +617,7 @@ impl Enroller {
                         warned: now,
                     },
                 );
-                info!(%pod, %ip, netns = %req.netns, netns_cookie = cookie, "CNI ADD: pod held closed until enrolled");
+                info!(%pod, ?ips, netns = %req.netns, netns_cookie = cookie, "CNI ADD: pod held closed until enrolled");
                 Response::ok(true, "held until enrolled")
             }
         }
@@ -445,10 +627,10 @@ impl Enroller {
         if let Some(h) = self.holds.remove(&cookie) {
             match self.capture.release_hold(cookie) {
                 Ok(_) => {
-                    info!(pod = %h.workload(), ip = %h.ip, netns_cookie = cookie, reason = why, "pod hold released")
+                    info!(pod = %h.workload(), ips = ?h.ips, netns_cookie = cookie, reason = why, "pod hold released")
                 }
                 Err(e) => {
-                    warn!(pod = %h.workload(), ip = %h.ip, error = %e, "releasing a pod hold failed")
+                    warn!(pod = %h.workload(), ips = ?h.ips, error = %e, "releasing a pod hold failed")
                 }
             }
         }
@@ -467,18 +649,18 @@ impl Enroller {
         for (cookie, h) in &mut self.holds {
             // The running pod must be this sandbox: an old pod with the same IP that the
             // config still lists does not end the new one's hold.
-            if let Some(r) = self.running.get(&h.ip)
-                && h.netns
-                    .as_ref()
-                    .is_none_or(|(_, inode)| *inode == r.pod.netns.inode())
-            {
+            let running = self.running.values().any(|r| match &h.netns {
+                Some((_, inode)) => *inode == r.pod.netns.inode(),
+                None => h.ips.iter().any(|ip| r.pod.has_addr(*ip)),
+            });
+            if running {
                 enrolled.push(*cookie);
                 continue;
             }
             let listed = config.workloads.iter().find(|w| {
                 w.node == self.node
                     && if h.name.is_empty() {
-                        w.ips.contains(&h.ip)
+                        w.ips.iter().any(|ip| h.ips.contains(&ip.to_canonical()))
                     } else {
                         w.namespace == h.namespace && w.name == h.name
                     }
@@ -493,15 +675,20 @@ impl Enroller {
                 release.push((*cookie, "the namespace is no longer ambient"));
                 continue;
             }
+            // Positive evidence only: the path names nothing or another namespace. A failed
+            // check (any other error) keeps the hold.
             if let Some((path, inode)) = &h.netns
-                && std::fs::metadata(path).map(|m| m.ino()).ok() != Some(*inode)
+                && match std::fs::metadata(path) {
+                    Ok(meta) => meta.ino() != *inode,
+                    Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+                }
             {
                 release.push((*cookie, "the pod's netns is gone"));
                 continue;
             }
             if now.duration_since(h.warned) >= HOLD_WARN_AFTER {
                 h.warned = now;
-                error!(pod = %h.workload(), ip = %h.ip, netns_cookie = *cookie,
+                error!(pod = %h.workload(), ips = ?h.ips, netns_cookie = *cookie,
                     held_secs = now.duration_since(h.since).as_secs(),
                     "pod is still held closed: the config has not enrolled it yet; its connections fail until it does (or CNI DEL)");
             }
@@ -510,17 +697,17 @@ impl Enroller {
             // Only removes the entry if the running pod is another netns with the same IP.
             if let Some(h) = self.holds.remove(&cookie) {
                 let _ = self.capture.release_hold(cookie);
-                info!(pod = %h.workload(), ip = %h.ip, "held pod is now enrolled");
+                info!(pod = %h.workload(), ips = ?h.ips, "held pod is now enrolled");
             }
         }
         for (cookie, why) in release {
             self.release(cookie, why);
         }
-        // Un-enrolling a pod clears every `enrolled` entry with its IP, which may include the
-        // hold of a new sandbox that reuses the IP: put those back.
+        // Un-enrolling a pod whose address moved to a new sandbox removes that sandbox's
+        // state too: put the holds back (a no-op for those still in place).
         for (cookie, h) in &self.holds {
-            if let Err(e) = self.capture.hold(*cookie, h.ip) {
-                warn!(pod = %h.workload(), ip = %h.ip, error = %e, "re-writing a pod hold failed");
+            if let Err(e) = self.capture.hold(*cookie, &h.ips) {
+                warn!(pod = %h.workload(), ips = ?h.ips, error = %e, "re-writing a pod hold failed");
             }
         }
         self.holds.len()

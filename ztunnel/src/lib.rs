@@ -197,10 +197,10 @@ struct RunArgs {
     #[arg(long, default_value = dns::DEFAULT_RESOLV_CONF)]
     dns_resolv_conf: PathBuf,
     /// Prometheus metrics (`/metrics`), in the node's network namespace.
-    #[arg(long, default_value = "0.0.0.0:15020")]
+    #[arg(long, default_value = "[::]:15020")]
     metrics_addr: SocketAddr,
     /// Readiness (`/healthz/ready`).
-    #[arg(long, default_value = "0.0.0.0:15021")]
+    #[arg(long, default_value = "[::]:15021")]
     readiness_addr: SocketAddr,
     /// Admin (`/config_dump`, `/logging`); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]

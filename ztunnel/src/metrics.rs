@@ -12,6 +12,7 @@
 //!   is cancelled still counts as closed, and the bytes of open connections are added up at
 //!   each scrape, so long-lived connections show their traffic before they end.
 //! - [`ConfigReloads`] (`ambit_`): config file reloads by result.
+//! - [`CaptureMetrics`] (`ambit_`): namespace lookups that failed (and so changed nothing).
 //! - [`CertMetrics`] (`ambit_`): certificate renewals and CA file reloads; with
 //!   [`register_expiry`], the time left on every leaf, issuer and root, computed at scrape.
 
@@ -436,6 +437,30 @@ impl ConfigReloads {
             ReloadOutcome::Applied => self.success(),
             ReloadOutcome::Refused => self.failure(),
         }
+    }
+}
+
+// === capture ===
+
+/// Capture control's own health.
+#[derive(Clone, Debug, Default)]
+pub struct CaptureMetrics {
+    /// `ambit_netns_lookup_errors_total`: network namespaces that could not be inspected while
+    /// looking for pods (out of file descriptors, a failed `setns`). Such a failure never
+    /// un-enrolls a pod; a rising count says the node is short of something.
+    pub netns_lookup_errors: Counter,
+}
+
+impl CaptureMetrics {
+    /// Creates the counters and registers them in `registry` (meant to be prefixed `ambit`).
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = CaptureMetrics::default();
+        registry.register(
+            "netns_lookup_errors",
+            "Network namespaces that could not be inspected while looking for pods; such a failure never un-enrolls a pod",
+            metrics.netns_lookup_errors.clone(),
+        );
+        metrics
     }
 }
 

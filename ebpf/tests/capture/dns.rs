@@ -49,14 +49,17 @@ fn dns_redirect_end_to_end() {
     assert_reply_from(&outcome, server);
     let (_, local, _) = lab.pod_connect(&Connect::to(server), &z.outbound);
     assert_eq!(local, server, "TCP/53 without a DNS proxy goes to 15001");
+    let (outcome, seen) = lab.udp_query(&udp(server6), &server_udp6);
+    assert_eq!(seen.map(|s| s.ip()), Some(IpAddr::V6(POD_IP6)), "{outcome}");
+    assert_reply_from(&outcome, server6);
 
     // (2) ztunnel registers the pod's DNS proxy.
     let mut proxy = DnsProxy::open(&lab);
     proxy.enroll(&lab, &mut z);
     assert_eq!(
         bpftool_map_len(&cfg, "dns_listeners"),
-        1,
-        "dns_listeners after enroll_dns"
+        2,
+        "dns_listeners after enroll_dns (one socket per family)"
     );
 
     // Connected UDP (glibc, dig): lands on the proxy; the reply is seen
@@ -125,14 +128,26 @@ fn dns_redirect_end_to_end() {
     assert_nothing_accepted(&z.outbound, "15001 for TCP/53 to the proxy");
     assert_nothing_accepted(&server_tcp, "server TCP :53 while DNS is proxied");
 
-    // Native IPv6 has no proxy yet: refused, never around the proxy.
+    // Native IPv6: the IPv6 proxy on [::1]:15053; the app sees the reply
+    // from the server it asked, and its own address is the pod's IPv6.
     for proto in [Proto::Udp, Proto::UdpSendto] {
         let mut query = udp(server6);
         query.proto = proto;
-        let outcome = lab.run_in_pod(&query);
-        assert_refused_fast(&outcome, "native IPv6 DNS");
+        let (outcome, seen) = lab.udp_query(&query, &proxy.udp6);
+        assert!(seen.is_some_and(|s| s.ip().is_loopback()), "{outcome}");
+        let reply = assert_reply_from(&outcome, server6);
+        if proto == Proto::Udp {
+            assert_eq!(
+                reply.local.ip(),
+                IpAddr::V6(POD_IP6),
+                "getsockname: {outcome}"
+            );
+            assert_eq!(reply.peer.as_deref(), Some(server6.to_string().as_str()));
+        }
     }
     assert_nothing_received(&server_udp6, "server [::]:53 (native IPv6 leaked)");
+    let (_, local, _) = lab.pod_connect(&Connect::to(server6), &proxy.tcp6);
+    assert_eq!(local, proxy.addr6());
 
     // Not DNS, or not to be proxied: untouched.
     let mut own = udp(server);
@@ -171,11 +186,14 @@ fn dns_redirect_end_to_end() {
         ("connected UDP", udp(server)),
         ("unconnected UDP", udp_sendto(server)),
         ("TCP", Connect::to(server)),
+        ("native IPv6 UDP", udp(server6)),
+        ("native IPv6 TCP", Connect::to(server6)),
     ] {
         let outcome = lab.run_in_pod(&query);
         assert_refused_fast(&outcome, what);
     }
     assert_nothing_received(&server_udp, "server :53 while ztunnel is down");
+    assert_nothing_received(&server_udp6, "server [::]:53 while ztunnel is down");
     assert_nothing_accepted(&server_tcp, "server TCP :53 while ztunnel is down");
 
     // (5) A restarted ztunnel adopts the pins and proxies again.
@@ -187,14 +205,11 @@ fn dns_redirect_end_to_end() {
     assert_reply_from(&outcome, server);
 
     // (6) Unenroll removes the DNS entry with everything else.
-    z.capture.unenroll(IpAddr::V4(POD_IP)).expect("unenroll");
+    z.capture.unenroll(z.cookie()).expect("unenroll");
     assert_eq!(bpftool_map_len(&cfg, "dns_listeners"), 0);
     let (outcome, _) = lab.udp_query(&udp(server), &server_udp);
     assert_reply_from(&outcome, server);
     assert_nothing_received(&proxy.udp, "proxy after unenroll");
-    z.capture
-        .unenroll_dns(IpAddr::V4(POD_IP))
-        .expect("unenroll_dns is idempotent");
 
     let Ztunnel { capture, .. } = z;
     drop(proxy);
@@ -202,10 +217,13 @@ fn dns_redirect_end_to_end() {
     assert!(!cfg.pin_dir.join("maps").exists());
 }
 
-/// ztunnel's per-pod DNS sockets, on 127.0.0.1:15053 in the pod netns.
+/// ztunnel's per-pod DNS sockets, on loopback:15053 of each family in the
+/// pod netns.
 struct DnsProxy {
     udp: UdpSocket,
     tcp: TcpListener,
+    udp6: UdpSocket,
+    tcp6: TcpListener,
 }
 
 impl DnsProxy {
@@ -213,11 +231,17 @@ impl DnsProxy {
         in_netns(&lab.pod.file, || Self {
             udp: udp_socket("127.0.0.1", DNS_PROXY_PORT, Some(ZTUNNEL_MARK)),
             tcp: listener("127.0.0.1", DNS_PROXY_PORT, Some(ZTUNNEL_MARK), false),
+            udp6: udp_socket("::1", DNS_PROXY_PORT, Some(ZTUNNEL_MARK)),
+            tcp6: listener("::1", DNS_PROXY_PORT, Some(ZTUNNEL_MARK), false),
         })
     }
 
     fn addr(&self) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, DNS_PROXY_PORT))
+    }
+
+    fn addr6(&self) -> SocketAddr {
+        SocketAddr::from((Ipv6Addr::LOCALHOST, DNS_PROXY_PORT))
     }
 
     fn enroll(&mut self, lab: &Lab, z: &mut Ztunnel) {
@@ -227,17 +251,17 @@ impl DnsProxy {
         let err = z
             .capture
             .enroll_dns(&DnsCapture {
-                pod_ip: IpAddr::V4(POD_IP),
                 netns_cookie: cookie,
-                udp_listener: stray.as_fd(),
+                v4: Some((IpAddr::V4(POD_IP), stray.as_fd())),
+                v6: None,
             })
             .expect_err("DNS socket from another netns");
         assert!(err.to_string().contains("setns"), "{err}");
         z.capture
             .enroll_dns(&DnsCapture {
-                pod_ip: IpAddr::V4(POD_IP),
                 netns_cookie: cookie,
-                udp_listener: self.udp.as_fd(),
+                v4: Some((IpAddr::V4(POD_IP), self.udp.as_fd())),
+                v6: Some((IpAddr::V6(POD_IP6), self.udp6.as_fd())),
             })
             .expect("enroll_dns");
     }

@@ -24,7 +24,7 @@ pub struct Snapshot {
     by_ip: HashMap<IpAddr, usize>,
     by_vip: HashMap<IpAddr, usize>,
     by_name: HashMap<(String, String), usize>,
-    endpoints: Vec<Vec<IpAddr>>,
+    endpoints: Vec<Endpoints>,
     /// Workload address → index of the waypoint in front of it.
     fronted_by: HashMap<IpAddr, usize>,
     /// Authorization policies, compiled.
@@ -88,23 +88,27 @@ impl Snapshot {
             .and_then(|i| self.config.workloads.get(*i))
     }
 
-    /// The service behind a VIP, with its endpoints.
+    /// The service behind a VIP, with its endpoints of the VIP's address family (as a
+    /// Kubernetes Service of each family has its own EndpointSlices).
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<(&Service, &[IpAddr])> {
-        self.service_at(*self.by_vip.get(&ip)?)
+        let i = *self.by_vip.get(&ip)?;
+        let eps = self.endpoints.get(i)?;
+        Some((
+            self.config.services.get(i)?,
+            if ip.is_ipv4() { &eps.v4 } else { &eps.v6 },
+        ))
     }
 
-    /// The service `namespace/name`, with its endpoints.
+    /// The service `namespace/name`, with its endpoints of one family: IPv4 when it has any,
+    /// else IPv6, so a dual-stack pod is one endpoint, not two.
     pub fn service(&self, namespace: &str, name: &str) -> Option<(&Service, &[IpAddr])> {
         let i = *self
             .by_name
             .get(&(namespace.to_string(), name.to_string()))?;
-        self.service_at(i)
-    }
-
-    fn service_at(&self, i: usize) -> Option<(&Service, &[IpAddr])> {
+        let eps = self.endpoints.get(i)?;
         Some((
             self.config.services.get(i)?,
-            self.endpoints.get(i).map(Vec::as_slice).unwrap_or_default(),
+            if eps.v4.is_empty() { &eps.v6 } else { &eps.v4 },
         ))
     }
 
@@ -150,7 +154,7 @@ pub fn canonical(w: &Workload) -> (String, String) {
 /// Which workloads sit behind a declared waypoint: those in a namespace labelled
 /// `ambit.dev/use-waypoint`, and the endpoints of services that use one. Waypoint pods
 /// themselves never do: they are the way in.
-fn fronted_workloads(config: &Config, endpoints: &[Vec<IpAddr>]) -> HashMap<IpAddr, usize> {
+fn fronted_workloads(config: &Config, endpoints: &[Endpoints]) -> HashMap<IpAddr, usize> {
     let index_of = |wp: &Waypoint| config.waypoints.iter().position(|w| std::ptr::eq(w, wp));
     let is_waypoint_pod = |w: &Workload| w.labels.contains_key(WAYPOINT_NAME_LABEL);
     let mut fronted = HashMap::new();
@@ -169,7 +173,7 @@ fn fronted_workloads(config: &Config, endpoints: &[Vec<IpAddr>]) -> HashMap<IpAd
     }
     for (s, eps) in config.services.iter().zip(endpoints) {
         if let Some(i) = config.waypoint_for_service(s).and_then(index_of) {
-            for ip in eps {
+            for ip in eps.v4.iter().chain(&eps.v6) {
                 if config
                     .workload_by_ip(*ip)
                     .is_some_and(|w| !is_waypoint_pod(w))
@@ -182,14 +186,43 @@ fn fronted_workloads(config: &Config, endpoints: &[Vec<IpAddr>]) -> HashMap<IpAd
     fronted
 }
 
-fn service_endpoints(config: &Config, s: &Service) -> Vec<IpAddr> {
-    let mut out = Vec::new();
+/// A service's endpoint addresses, per family.
+#[derive(Debug, Default)]
+struct Endpoints {
+    v4: Vec<IpAddr>,
+    v6: Vec<IpAddr>,
+}
+
+impl Endpoints {
+    fn push(&mut self, ip: IpAddr) {
+        let list = if ip.is_ipv4() {
+            &mut self.v4
+        } else {
+            &mut self.v6
+        };
+        if !list.contains(&ip) {
+            list.push(ip);
+        }
+    }
+
+    /// A workload counts once per family: its first address of each.
+    fn push_workload(&mut self, w: &Workload) {
+        for family_v4 in [true, false] {
+            if let Some(ip) = w.ips.iter().find(|ip| ip.is_ipv4() == family_v4) {
+                self.push(*ip);
+            }
+        }
+    }
+}
+
+fn service_endpoints(config: &Config, s: &Service) -> Endpoints {
+    let mut out = Endpoints::default();
     if let Some(selector) = &s.selector {
         for w in &config.workloads {
             if w.namespace == s.namespace
                 && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
             {
-                out.extend(w.ips.iter().filter(|ip| ip.is_ipv4()).copied());
+                out.push_workload(w);
             }
         }
     }
@@ -201,7 +234,7 @@ fn service_endpoints(config: &Config, s: &Service) -> Vec<IpAddr> {
                     .iter()
                     .find(|w| w.namespace == s.namespace && &w.name == name)
                 {
-                    out.extend(w.ips.iter().filter(|ip| ip.is_ipv4()).copied());
+                    out.push_workload(w);
                 }
             }
             (None, Some(ip)) => out.push(ip),
@@ -299,6 +332,37 @@ services:
         assert_eq!(s.waypoint_of(db), None);
         let (out, _) = s.service("shop", "opted-out").expect("opted-out");
         assert_eq!(s.waypoint_of(out), None);
+    }
+
+    #[test]
+    fn dual_stack_services_balance_within_the_vips_family() {
+        let c = super::super::parse_str(
+            Path::new("t.yaml"),
+            r#"
+trustDomain: cluster.local
+namespaces: [{ name: shop }]
+workloads:
+  - { name: web-1, namespace: shop, ips: [10.1.1.2, "fd00:1::2"], node: a, labels: { app: web } }
+  - { name: web-2, namespace: shop, ips: ["fd00:1::3", 10.1.1.3], node: a, labels: { app: web } }
+  - { name: web-3, namespace: shop, ips: ["fd00:1::4"], node: a, labels: { app: web } }
+services:
+  - { name: web, namespace: shop, vips: [10.96.0.10, "fd00:96::10"], ports: [{ port: 80 }], selector: { app: web } }
+"#,
+        )
+        .expect("valid config");
+        let s = Snapshot::new(Arc::new(c));
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let (_, v4) = s.service_by_vip(ip("10.96.0.10")).expect("v4 vip");
+        assert_eq!(v4, &[ip("10.1.1.2"), ip("10.1.1.3")]);
+        let (_, v6) = s.service_by_vip(ip("fd00:96::10")).expect("v6 vip");
+        assert_eq!(v6, &[ip("fd00:1::2"), ip("fd00:1::3"), ip("fd00:1::4")]);
+        assert_eq!(
+            s.workload_by_ip(ip("fd00:1::3")).map(|w| w.name.as_str()),
+            Some("web-2")
+        );
+        // By name: one family, so each dual-stack pod counts once.
+        let (_, by_name) = s.service("shop", "web").expect("web");
+        assert_eq!(by_name, v4);
     }
 
     #[test]

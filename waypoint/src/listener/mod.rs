@@ -280,6 +280,9 @@ pub async fn serve(
         };
         match accepted {
             Ok((tcp, peer)) => {
+                // A dual-stack listener shows IPv4 peers as v4-mapped IPv6; policy and logs
+                // must see them as the IPv4 addresses they are.
+                let peer = ambit_shared::listen::canonical(peer);
                 let _ = tcp.set_nodelay(true);
                 let span = info_span!("hbone", %peer);
                 tokio::spawn(

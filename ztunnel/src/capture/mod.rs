@@ -1,36 +1,36 @@
 //! Capture control: everything ztunnel does inside a pod's network namespace so that the
 //! eBPF programs can steer the pod's traffic to it.
 //!
-//! For each enrolled pod:
-//! - listeners on 15001 (outbound, `IP_TRANSPARENT`), 15006 (inbound plaintext) and 15008
+//! For each enrolled pod, on each address family it has:
+//! - listeners on 15001 (outbound, transparent), 15006 (inbound plaintext) and 15008
 //!   (HBONE), all carrying ztunnel's mark so ztunnel never captures itself;
 //! - a policy-routing rule and route that send capture-marked SYNs to `lo`, where the pod's
-//!   `sk_lookup` program hands them to the 15001 listener;
+//!   `sk_lookup` program hands them to the 15001 listener ([`routing`]);
 //! - the eBPF map entries and link ([`ambit_ebpf::Capture`]);
 //! - the DNS proxy's sockets on 15053 ([`dns`]).
+//!
+//! The numbers (ports, marks, table, addresses) all come from [`ambit_ebpf::contract`].
 
+pub mod addrs;
 pub mod dns;
 pub mod netns;
+pub mod routing;
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
-use std::process::Command;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd};
 
-use ambit_ebpf::{CAPTURE_MARK, ZTUNNEL_MARK};
-use ambit_shared::ports;
+use ambit_ebpf::FamilyCapture;
+use ambit_ebpf::contract::{
+    DELIVERY_ADDR_V4, HBONE_PORT, INBOUND_PORT, LISTEN_ADDR_V4, LISTEN_ADDR_V6, OUTBOUND_PORT,
+    ZTUNNEL_MARK,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+pub use addrs::PodAddrs;
 pub use netns::{Netns, NetnsError};
 
-/// Source address ztunnel uses to deliver inbound traffic to an app inside its pod; the
-/// `sk_lookup` program lets it through instead of capturing it again.
-pub const DELIVERY_ADDR: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
-/// Routing table for captured SYNs.
-const CAPTURE_TABLE: &str = "100";
-/// Priority of the capture rule: before `main` (32766), after `local` (0).
-const CAPTURE_RULE_PRIORITY: &str = "100";
 /// Listen backlog of the pod listeners.
 const BACKLOG: i32 = 1024;
 
@@ -51,24 +51,34 @@ pub enum CaptureError {
         #[source]
         source: io::Error,
     },
-    /// An `ip` command failed.
-    #[error("`{command}` in netns {netns} failed: {output}")]
-    Routing {
-        /// The command line.
-        command: String,
+    /// An rtnetlink socket could not be opened in the pod.
+    #[error("opening an rtnetlink socket in netns {netns}: {source}")]
+    Netlink {
         /// Namespace path.
         netns: String,
-        /// Its stderr, or the spawn error.
-        output: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A capture rule or route could not be changed.
+    #[error("{what} in netns {netns}: {source}")]
+    Routing {
+        /// What was being done.
+        what: &'static str,
+        /// Namespace path.
+        netns: String,
+        /// The kernel's answer.
+        #[source]
+        source: rtnetlink::Error,
     },
     /// The eBPF side failed.
     #[error(transparent)]
     Ebpf(#[from] ambit_ebpf::Error),
 }
 
-/// The three listeners ztunnel holds inside one pod.
+/// The three listeners ztunnel holds inside one pod, for one address family.
 #[derive(Debug)]
-pub struct PodListeners {
+pub struct FamilyListeners {
     /// 15001: captured outbound connections.
     pub outbound: TcpListener,
     /// 15006: plaintext inbound connections.
@@ -77,29 +87,70 @@ pub struct PodListeners {
     pub hbone: TcpListener,
 }
 
-/// Opens the pod's listeners inside its namespace.
+/// A pod's listeners, per address family it has.
+#[derive(Debug, Default)]
+pub struct PodListeners {
+    /// IPv4, when the pod has an IPv4 address.
+    pub v4: Option<FamilyListeners>,
+    /// IPv6, when IPv6 is on in the pod (link-local counts).
+    pub v6: Option<FamilyListeners>,
+}
+
+impl PodListeners {
+    /// What [`ambit_ebpf::Capture::enroll`] needs of one family.
+    pub fn family<'a>(
+        listeners: &'a Option<FamilyListeners>,
+        primary: Option<IpAddr>,
+        addrs: &'a [IpAddr],
+    ) -> Option<FamilyCapture<'a>> {
+        let l = listeners.as_ref()?;
+        (!addrs.is_empty()).then(|| FamilyCapture {
+            primary,
+            addrs,
+            outbound_listener: l.outbound.as_fd(),
+            inbound_listener: l.inbound_plaintext.as_fd(),
+        })
+    }
+
+    /// Any one of the listeners, to read the pod's netns cookie from.
+    pub fn any_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.v4
+            .as_ref()
+            .or(self.v6.as_ref())
+            .map(|l| l.hbone.as_fd())
+    }
+}
+
+/// Opens the pod's listeners inside its namespace, for each family it has.
 ///
 /// 15001 and 15006 bind to loopback: only `sk_lookup` steers traffic to them, and loopback
-/// keeps them off the pod's network. 15008 binds to all addresses, since peers reach it
-/// directly.
-pub fn open_listeners(ns: &Netns) -> Result<PodListeners, CaptureError> {
-    let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let outbound = listen_in(ns, SocketAddr::new(localhost, ports::OUTBOUND), true)?;
-    let inbound_plaintext = listen_in(
-        ns,
-        SocketAddr::new(localhost, ports::INBOUND_PLAINTEXT),
-        false,
-    )?;
-    let hbone = listen_in(
-        ns,
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports::HBONE),
-        false,
-    )?;
-    Ok(PodListeners {
-        outbound,
-        inbound_plaintext,
-        hbone,
-    })
+/// keeps them off the pod's network. 15008 binds to all addresses of the family, since peers
+/// reach it directly. IPv6 sockets are `IPV6_V6ONLY`, so each family has its own.
+pub fn open_listeners(ns: &Netns, addrs: &PodAddrs) -> Result<PodListeners, CaptureError> {
+    let family = |listen: IpAddr, any: IpAddr| -> Result<FamilyListeners, CaptureError> {
+        Ok(FamilyListeners {
+            outbound: listen_in(ns, SocketAddr::new(listen, OUTBOUND_PORT), true)?,
+            inbound_plaintext: listen_in(ns, SocketAddr::new(listen, INBOUND_PORT), false)?,
+            hbone: listen_in(ns, SocketAddr::new(any, HBONE_PORT), false)?,
+        })
+    };
+    let v4 = if addrs.has_v4() {
+        Some(family(
+            LISTEN_ADDR_V4.into(),
+            IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        )?)
+    } else {
+        None
+    };
+    let v6 = if !addrs.v6().is_empty() {
+        Some(family(
+            LISTEN_ADDR_V6.into(),
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        )?)
+    } else {
+        None
+    };
+    Ok(PodListeners { v4, v6 })
 }
 
 fn listen_in(ns: &Netns, addr: SocketAddr, transparent: bool) -> Result<TcpListener, CaptureError> {
@@ -114,10 +165,18 @@ fn listen_in(ns: &Netns, addr: SocketAddr, transparent: bool) -> Result<TcpListe
             s.set_mark(ZTUNNEL_MARK)?;
             // A restarted ztunnel rebinds while old connections may sit in TIME_WAIT.
             s.set_reuse_address(true)?;
+            if addr.is_ipv6() {
+                // One listener per family: a dual-stack socket would also take IPv4.
+                s.set_only_v6(true)?;
+            }
             if transparent {
                 // Accepted sockets take the original destination as their local address,
-                // which is not local to the pod; replies from it need IP_TRANSPARENT.
-                s.set_ip_transparent_v4(true)?;
+                // which is not local to the pod; replies from it need transparency.
+                if addr.is_ipv6() {
+                    s.set_ip_transparent_v6(true)?;
+                } else {
+                    s.set_ip_transparent_v4(true)?;
+                }
             }
             s.bind(&addr.into())?;
             s.listen(BACKLOG)?;
@@ -126,6 +185,18 @@ fn listen_in(ns: &Netns, addr: SocketAddr, transparent: bool) -> Result<TcpListe
         })?
         .map_err(err)?;
     TcpListener::from_std(socket.into()).map_err(err)
+}
+
+/// The source address ztunnel binds to deliver inbound traffic to `dst` inside its pod; the
+/// `sk_lookup` program lets connections from it through instead of capturing them again:
+/// `127.0.0.6` over IPv4, and over IPv6 the destination itself (the pod's own address; see
+/// [`ambit_ebpf::contract::DELIVERY_ADDR_V4`] for why not `::1`).
+pub fn delivery_addr(dst: SocketAddr) -> SocketAddr {
+    let ip: IpAddr = match dst {
+        SocketAddr::V4(_) => DELIVERY_ADDR_V4.into(),
+        SocketAddr::V6(v6) => (*v6.ip()).into(),
+    };
+    SocketAddr::new(ip, 0)
 }
 
 /// Opens a TCP connection from inside the pod's namespace, marked so it is never captured.
@@ -148,81 +219,4 @@ pub async fn connect_in(
         socket.bind(bind)?;
     }
     socket.connect(dst).await
-}
-
-/// Installs the capture rule and route in the pod (idempotent).
-pub fn install_routing(ns: &Netns, pod_ip: IpAddr) -> Result<(), CaptureError> {
-    // A rule left by a crashed ztunnel would otherwise be duplicated.
-    let _ = ip(ns, &rule_args("del"));
-    ip(ns, &rule_args("add"))?;
-    let src = pod_ip.to_string();
-    ip(
-        ns,
-        &[
-            "route",
-            "replace",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            CAPTURE_TABLE,
-            "src",
-            &src,
-        ],
-    )?;
-    Ok(())
-}
-
-/// Removes the capture rule and route from the pod. Missing pieces are not an error.
-pub fn remove_routing(ns: &Netns) -> Result<(), CaptureError> {
-    while ip(ns, &rule_args("del")).is_ok() {}
-    let _ = ip(ns, &["route", "flush", "table", CAPTURE_TABLE]);
-    Ok(())
-}
-
-fn rule_args(verb: &str) -> Vec<String> {
-    let mark = format!("{CAPTURE_MARK:#x}/{CAPTURE_MARK:#x}");
-    [
-        "rule",
-        verb,
-        "fwmark",
-        &mark,
-        "lookup",
-        CAPTURE_TABLE,
-        "priority",
-        CAPTURE_RULE_PRIORITY,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn ip<S: AsRef<str>>(ns: &Netns, args: &[S]) -> Result<(), CaptureError> {
-    let netns = ns.path().display().to_string();
-    // Our open handle, not the discovery path: a /proc/<pid> path dies with its process.
-    let handle = format!("/proc/{}/fd/{}", std::process::id(), ns.file().as_raw_fd());
-    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
-    let command = format!("ip {}", args.join(" "));
-    // nsenter runs `ip` in the pod's namespace without touching any thread of ours.
-    let output = Command::new("nsenter")
-        .arg(format!("--net={handle}"))
-        .arg("--")
-        .arg("ip")
-        .args(&args)
-        .output()
-        .map_err(|e| CaptureError::Routing {
-            command: command.clone(),
-            netns: netns.clone(),
-            output: e.to_string(),
-        })?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(CaptureError::Routing {
-            command,
-            netns,
-            output: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        })
-    }
 }

@@ -138,10 +138,19 @@ impl DnsProxy {
     /// to stop; forwarded queries already in flight finish on their own tasks).
     pub async fn serve(self: Arc<Self>, listeners: DnsListeners, pod: Arc<Pod>) {
         let pod = Arc::new(PodDns::new(self, pod.namespace.clone(), pod.workload()));
-        tokio::join!(
-            server::serve_udp(listeners.udp, pod.clone()),
-            server::serve_tcp(listeners.tcp, pod),
-        );
+        let serving = [listeners.v4, listeners.v6]
+            .into_iter()
+            .flatten()
+            .map(|sockets| {
+                let pod = pod.clone();
+                async move {
+                    tokio::join!(
+                        server::serve_udp(sockets.udp, pod.clone()),
+                        server::serve_tcp(sockets.tcp, pod),
+                    );
+                }
+            });
+        futures_util::future::join_all(serving).await;
     }
 
     /// The servers forwarded queries go to.

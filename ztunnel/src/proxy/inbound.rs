@@ -18,7 +18,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::outbound::ignore_close;
 use super::{AccessLog, Pod, ProxyContext};
-use crate::capture::{DELIVERY_ADDR, connect_in};
+use crate::capture::{connect_in, delivery_addr};
 
 /// Bound on the TLS handshake, so idle or slow peers cannot hold sockets forever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -88,7 +88,8 @@ async fn stream(
     ctx: Arc<ProxyContext>,
 ) {
     let src = forwarded_client(&incoming.request).unwrap_or(peer);
-    let dst = parse_connect(&incoming.request).unwrap_or(SocketAddr::new(pod.ip, 0));
+    let dst = parse_connect(&incoming.request)
+        .unwrap_or_else(|_| SocketAddr::new(pod.primary().unwrap_or(peer.ip()), 0));
     let mut log = AccessLog::new(&ctx, "inbound", src, dst);
     log.via_hbone();
     log.source(Some(peer_identity.clone()), None);
@@ -112,13 +113,7 @@ async fn stream(
         incoming.refuse(e.status());
         return;
     }
-    let app = match connect_in(
-        &pod.netns,
-        dst,
-        Some(SocketAddr::new(DELIVERY_ADDR.into(), 0)),
-    )
-    .await
-    {
+    let app = match connect_in(&pod.netns, dst, Some(delivery_addr(dst))).await {
         Ok(app) => app,
         Err(e) => {
             let e = RequestError::Unreachable {
@@ -152,7 +147,7 @@ async fn stream(
 
 fn check(incoming: &Incoming, pod: &Pod) -> Result<SocketAddr, RequestError> {
     let dst = parse_connect(&incoming.request)?;
-    if dst.ip() != pod.ip {
+    if !pod.has_addr(dst.ip()) {
         return Err(RequestError::UnknownDestination(dst));
     }
     if ports::is_reserved(dst.port()) {

@@ -10,7 +10,7 @@ use tracing::{Instrument, info_span, warn};
 
 use super::outbound::ignore_close;
 use super::{AccessLog, Pod, ProxyContext};
-use crate::capture::{DELIVERY_ADDR, connect_in};
+use crate::capture::{connect_in, delivery_addr};
 
 /// Delivers one plaintext inbound connection.
 pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
@@ -30,13 +30,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
             log.deny(format!("denied: {reason}"));
             return;
         }
-        let app = match connect_in(
-            &pod.netns,
-            dst,
-            Some(SocketAddr::new(DELIVERY_ADDR.into(), 0)),
-        )
-        .await
-        {
+        let app = match connect_in(&pod.netns, dst, Some(delivery_addr(dst))).await {
             Ok(app) => app,
             Err(e) => {
                 warn!(error = %e, "inbound delivery failed");

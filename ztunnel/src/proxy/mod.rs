@@ -57,8 +57,8 @@ pub struct Pod {
     pub namespace: String,
     /// SPIFFE identity.
     pub identity: Identity,
-    /// The address its listeners serve.
-    pub ip: IpAddr,
+    /// Every address it has (IPv4, IPv6, link-local), the primary one first.
+    pub addrs: Vec<IpAddr>,
     /// Its network namespace.
     pub netns: Arc<Netns>,
     /// Its certificate.
@@ -74,7 +74,17 @@ impl Pod {
     /// A connection that reached a capture listener addressed to loopback, the pod itself, or
     /// one of the proxy's ports was never captured: the app called ztunnel directly.
     pub fn is_self_call(&self, dst: SocketAddr) -> bool {
-        dst.ip().is_loopback() || dst.ip() == self.ip || ports::is_reserved(dst.port())
+        dst.ip().is_loopback() || self.has_addr(dst.ip()) || ports::is_reserved(dst.port())
+    }
+
+    /// Whether `ip` is one of the pod's addresses.
+    pub fn has_addr(&self, ip: IpAddr) -> bool {
+        self.addrs.contains(&ip.to_canonical())
+    }
+
+    /// The address that names the pod in logs.
+    pub fn primary(&self) -> Option<IpAddr> {
+        self.addrs.first().copied()
     }
 }
 
@@ -121,6 +131,12 @@ pub fn decide(
     src: IpAddr,
     dst: SocketAddr,
 ) -> Result<policy::Notes, String> {
+    if crate::capture::addrs::is_link_local(dst.ip()) {
+        return Err(format!(
+            "{} is link-local: outside the mesh (no workload has it in the config)",
+            dst.ip()
+        ));
+    }
     let Some(w) = snap.workload_by_ip(dst.ip()) else {
         return Err(format!(
             "{} is no longer a workload in the config",

@@ -19,7 +19,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::balance::Lease;
 use super::{AccessLog, Pod, ProxyContext};
-use crate::capture::connect_in;
+use crate::capture::{self, connect_in};
 
 /// Handles one captured connection from `pod`.
 pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
@@ -35,6 +35,16 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
     async move {
         let mut log = AccessLog::new(&ctx, "outbound", peer, dst);
         log.source(Some(pod.identity.clone()), Some(pod.workload()));
+        // The kernel programs refuse link-local destinations at connect(); this is the
+        // backstop should one arrive anyway. It cannot be tunnelled, and sending it in
+        // plaintext could reach an enrolled pod on the same link around the mesh.
+        if capture::addrs::is_link_local(dst.ip()) {
+            return refuse(
+                &stream,
+                &mut log,
+                format!("link-local destination {dst} is outside the mesh"),
+            );
+        }
         if pod.is_self_call(dst) {
             let port = dst.port();
             return refuse(
@@ -188,14 +198,19 @@ async fn via_waypoint(
         .config
         .waypoint_identity(wp)
         .map_err(|e| e.to_string())?;
+    // Each replica by its address of the destination's family: the pod reached the
+    // destination over that family, so it can reach the waypoint over it too. A replica
+    // without one is dialled on its other family.
     let replicas: Vec<(IpAddr, String)> = snapshot
         .config
         .waypoint_workloads(wp)
-        .flat_map(|w| {
-            w.ips
+        .filter_map(|w| {
+            let ip = w
+                .ips
                 .iter()
-                .filter(|ip| ip.is_ipv4())
-                .map(move |ip| (*ip, format!("{}/{}", w.namespace, w.name)))
+                .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+                .or(w.ips.first())?;
+            Some((*ip, format!("{}/{}", w.namespace, w.name)))
         })
         .collect();
     if replicas.is_empty() {
