@@ -10,4 +10,4 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 cargo test --workspace
 # Every fuzz target for 10 s (coverage-guided, libFuzzer); any finding fails the run.
-tests/scripts/fuzz.sh 10
+AMBIT_FUZZ_BUILD=dev tests/scripts/fuzz.sh 10
