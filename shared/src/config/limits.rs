@@ -173,7 +173,13 @@ fn check_depth(text: &str, limit: usize) -> Result<(), LimitError> {
         block_scalar: None,
         plain_from: None,
     };
-    for (n, line) in text.split('\n').enumerate() {
+    // Every line break libyaml knows (YAML 1.1): LF, CR (alone, or before LF: the empty
+    // line between them is harmless), NEL, LS and PS. Splitting on LF alone let a file
+    // with CR line breaks nest as deep as it liked (found by the `config` fuzz target).
+    for (n, line) in text
+        .split(['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}'])
+        .enumerate()
+    {
         scan.line(n + 1, line.as_bytes())?;
     }
     Ok(())

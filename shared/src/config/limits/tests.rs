@@ -94,6 +94,16 @@ fn every_way_of_nesting_counts() {
         format!("a: b\n  'c\nd: {}\n", "[".repeat(n)),
         // Likewise inside a flow collection.
         format!("[a\n 'b, {}\n", "[".repeat(n)),
+        // Lines broken by CR alone, or by NEL, LS or PS, as libyaml reads them.
+        (0..n)
+            .map(|i| format!("{}k{i}:\r", " ".repeat(i)))
+            .collect::<String>(),
+        (0..n)
+            .map(|i| format!("{}k{i}:\u{85}", " ".repeat(i)))
+            .collect::<String>(),
+        (0..n)
+            .map(|i| format!("{}k{i}:\u{2028}", " ".repeat(i)))
+            .collect::<String>(),
     ];
     for text in &cases {
         too_deep_at(text, 10);
