@@ -22,12 +22,17 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
+use crate::admission::{Accepted, Admission, ListenerLimits};
 use crate::telemetry;
 
-/// A client must send its request headers within this time.
+/// A client must send its request headers within this time (hyper counts keep-alive idle
+/// time against it too, which suits these endpoints: scrapers reconnect).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed accept so the loop cannot spin.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// What one endpoint holds at once: scrapers and probes open one or two connections each.
+pub const LIMITS: ListenerLimits = ListenerLimits {
+    max_connections: Some(256),
+    max_per_source: Some(64),
+};
 
 /// A response with its whole body.
 pub type Body = Full<Bytes>;
@@ -97,9 +102,15 @@ where
 }
 
 /// Serves HTTP/1 on `listener` (from [`bind`]), answering each request with `route`.
-/// `endpoint` names the listener in logs. An accept error never ends the loop.
-pub async fn serve<E, R>(listener: std::net::TcpListener, endpoint: E, route: Arc<R>)
-where
+/// `endpoint` names the listener in logs, `name` in the admission metrics. Admission
+/// control ([`LIMITS`]) decides what is accepted; an accept error never ends the loop.
+pub async fn serve<E, R>(
+    listener: std::net::TcpListener,
+    admission: &Admission,
+    name: &'static str,
+    endpoint: E,
+    route: Arc<R>,
+) where
     E: fmt::Debug + Copy + Send + 'static,
     R: Fn(E, &Request<Incoming>) -> Response<Body> + Send + Sync + 'static,
 {
@@ -113,17 +124,16 @@ where
     if let Ok(addr) = listener.local_addr() {
         info!(endpoint = ?endpoint, %addr, "serving");
     }
+    let mut listener = admission.gate(name, LIMITS).listener(listener);
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(endpoint = ?endpoint, error = %e, "accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                continue;
-            }
-        };
+        let Accepted {
+            stream,
+            peer,
+            permit,
+        } = listener.accept().await;
         let route = route.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req: Request<Incoming>| {
                 let resp = route(endpoint, &req);
                 async move { Ok::<_, Infallible>(resp) }

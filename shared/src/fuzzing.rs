@@ -72,7 +72,8 @@ pub fn hbone_request(data: &[u8]) {
     let runtime = runtime();
     runtime.block_on(async {
         let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let serve = hbone::server::serve(server, |incoming| async move {
+        let timeouts = hbone::server::Timeouts::default();
+        let serve = hbone::server::serve(server, timeouts, |incoming| async move {
             let verdict = request::parse_connect(&incoming.request);
             let _ = request::forwarded_client(&incoming.request);
             match verdict {

@@ -8,6 +8,8 @@
 //! - [`route`]: L7 routing with Gateway API `HTTPRoute`/`GRPCRoute`: route selection,
 //!   weighted backends and filters, as pure functions.
 //! - [`tls`]: rustls configurations that check SPIFFE identities.
+//! - [`admission`]: what peers may hold on every listener: descriptors (a reserve is
+//!   kept), handshakes in flight, connections per source; accept loops that never die.
 //! - [`hbone`]: HTTP/2 CONNECT tunnels (client pool, server helpers, stream adapter).
 //! - [`copy`]: bidirectional byte copying with counters.
 //! - [`signer`]: the central signer's protocol and client (certificates over the network).
@@ -19,13 +21,16 @@
 //! - [`telemetry`]: Prometheus encoding and Istio label conventions shared by both proxies.
 //! - [`admin`]: the HTTP plumbing of the metrics, readiness and admin endpoints.
 //! - [`listen`]: binding listeners on both address families.
+//! - [`memory`]: returning freed memory to the OS after a burst.
 //! - [`logging`]: stderr logging, text or JSON, with a run-time filter handle.
 //!
-//! Feature flags: `testing` exposes helpers for tests; `fuzzing` exposes [`fuzzing`], the
-//! entry points of the fuzz targets in `fuzz/`.
+//! Feature flags: `testing` exposes helpers for tests; `cli` the command-line flags both
+//! binaries share ([`admission::flags`]); `kubernetes` the Kubernetes config source;
+//! `fuzzing` exposes [`fuzzing`], the entry points of the fuzz targets in `fuzz/`.
 #![deny(missing_docs)]
 
 pub mod admin;
+pub mod admission;
 pub mod balance;
 pub mod ca;
 pub mod certs;
@@ -38,6 +43,7 @@ pub mod hbone;
 pub mod identity;
 pub mod listen;
 pub mod logging;
+pub mod memory;
 pub mod policy;
 pub mod rlimit;
 pub mod route;
@@ -46,16 +52,22 @@ pub mod telemetry;
 pub mod tls;
 pub mod trace;
 
-/// Well-known ports, the same as Istio's so operators feel at home.
+/// The capture contract (ports, marks, routing table, delivery addresses), re-exported so
+/// crates above `shared` take it from one place.
+pub use ambit_capture_contract as capture_contract;
+
+/// Well-known ports, the same as Istio's so operators feel at home. The ones the capture
+/// programs know are the capture contract's ([`ambit_capture_contract`]), re-exported here so
+/// there is one source for each.
 pub mod ports {
     /// Outbound capture listener inside each enrolled pod.
-    pub const OUTBOUND: u16 = 15001;
+    pub const OUTBOUND: u16 = ambit_capture_contract::OUTBOUND_PORT;
     /// Inbound plaintext capture listener inside each enrolled pod.
-    pub const INBOUND_PLAINTEXT: u16 = 15006;
+    pub const INBOUND_PLAINTEXT: u16 = ambit_capture_contract::INBOUND_PORT;
     /// HBONE (HTTP/2 CONNECT over mutual TLS).
-    pub const HBONE: u16 = 15008;
+    pub const HBONE: u16 = ambit_capture_contract::HBONE_PORT;
     /// DNS proxy.
-    pub const DNS: u16 = 15053;
+    pub const DNS: u16 = ambit_capture_contract::DNS_PROXY_PORT;
     /// Readiness.
     pub const READINESS: u16 = 15021;
     /// Prometheus metrics.

@@ -40,8 +40,11 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// `read` system calls; with it, one call usually brings several records.
 pub const TRANSPORT_READ_BUFFER: usize = 64 * 1024;
 
+pub mod accept;
+
 /// `io` with a [`TRANSPORT_READ_BUFFER`] read buffer, to run TLS over (writes pass
-/// straight through, vectored writes included).
+/// straight through, vectored writes included). For connections we open; accepted ones
+/// get their buffer only after the handshake ([`accept`]).
 pub fn buffered<IO: tokio::io::AsyncRead>(io: IO) -> tokio::io::BufReader<IO> {
     tokio::io::BufReader::with_capacity(TRANSPORT_READ_BUFFER, io)
 }

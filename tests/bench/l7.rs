@@ -15,7 +15,9 @@
 //!
 //! The waypoint is driven through its bench-only plaintext listener
 //! (`--plaintext-listen LISTEN=VIP:PORT`): the same request path as behind HBONE, without
-//! the TLS and HBONE that no other contender does here.
+//! the TLS and HBONE that no other contender does here. The flag exists only in builds with
+//! the waypoint's `bench-plaintext` feature (`tests/bench/run.sh` builds with it); a
+//! waypoint built without it is refused before the suite starts.
 //!
 //! | scenario | tool | figures |
 //! |---|---|---|
@@ -615,10 +617,35 @@ fn start_envoy(
     Ok(proc)
 }
 
+/// What `waypoint --version` says in builds with the plaintext listener.
+const PLAINTEXT_FEATURE: &str = "bench-plaintext";
+
+/// Fails unless `bin` was built with the `bench-plaintext` feature, with the command that
+/// builds it: release builds leave `--plaintext-listen` out on purpose.
+pub fn check_waypoint_has_plaintext(bin: &Path) -> Result<()> {
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {} --version", bin.display()))?;
+    let version = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        version.contains(PLAINTEXT_FEATURE),
+        "{} was built without the `{PLAINTEXT_FEATURE}` feature (it says {:?}), so it has no \
+         --plaintext-listen; build it with `cargo build --release --workspace --bins \
+         --features ambit-waypoint/{PLAINTEXT_FEATURE}` (tests/bench/run.sh does) or point \
+         AMBIT_WAYPOINT_BIN at such a build",
+        bin.display(),
+        version.trim()
+    );
+    Ok(())
+}
+
 /// The waypoint, with plaintext listeners standing for the service's two ports; its
 /// per-request access log is off (no other contender logs per request), metrics on.
 fn start_waypoint(cluster: &Cluster, pod: &Pod, vip: IpAddr, cpu: usize) -> Result<Proc> {
-    let mut cmd = pinned(pod, cpu, harness::bin_path("waypoint")?);
+    let bin = harness::bin_path("waypoint")?;
+    check_waypoint_has_plaintext(&bin)?;
+    let mut cmd = pinned(pod, cpu, bin);
     cmd.arg("run")
         .arg("--config")
         .arg(cluster.config_path())

@@ -322,6 +322,9 @@ fn run_l7(args: &RunArgs) -> Result<(String, Option<anyhow::Error>)> {
         );
     }
     check_tools(&L7_TOOLS)?;
+    if kinds.contains(&Kind::Waypoint) {
+        l7::check_waypoint_has_plaintext(&harness::bin_path("waypoint")?)?;
+    }
     let envoy = if kinds.contains(&Kind::Envoy) {
         Some(l7::envoy_bin()?)
     } else {

@@ -50,5 +50,7 @@ if [ -z "${AMBIT_ENVOY_BIN:-}" ]; then
   export AMBIT_ENVOY_BIN
 fi
 
-cargo build --release --workspace --bins
+# The waypoint contender is driven through --plaintext-listen, which only builds with the
+# bench-plaintext feature; release images (`--profile dist`) and the demo leave it out.
+cargo build --release --workspace --bins --features ambit-waypoint/bench-plaintext
 AMBIT_BENCH_COMMAND="tests/bench/run.sh${*:+ $*}" exec target/release/ambit-bench "$@"

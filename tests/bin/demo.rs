@@ -11,7 +11,7 @@
 //! ```text
 //!   node-a: shop/frontend, shop/cart          shop   is ambient (enrolled)
 //!   node-b: shop/payments, legacy/inventory   legacy is not
-//!   step 6 adds store/waypoint (node-a) and store/reviews-v1, -v2 (node-b);
+//!   step 7 adds store/waypoint (node-a) and store/reviews-v1, -v2 (node-b);
 //!   store is ambient and uses the waypoint
 //! ```
 //!
@@ -32,14 +32,14 @@ mod waypoint_step;
 mod wire;
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 use std::panic::AssertUnwindSafe;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use harness::ztunnel::{field, field_str, message};
-use harness::{Cluster, Node, Pod, PodSpec, Proc, Ztunnel, ZtunnelOpts};
+use harness::{Cluster, IpFamilies, Node, Pod, PodSpec, Proc, Ztunnel, ZtunnelOpts};
 use serde_json::Value;
 use ui::{Report, Ui, bytes, elapsed};
 use wire::{BridgeCapture, Wire, tls_name, tls_versions};
@@ -122,7 +122,7 @@ fn demo(ui: Ui) -> ExitCode {
          removed when it exits, also on Ctrl-C.",
     ));
     let mut report = Report::new(ui);
-    let cluster = match Cluster::new() {
+    let cluster = match Cluster::with_families(IpFamilies::DualStack) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("ambit-demo: creating the simulated cluster failed: {e:#}");
@@ -215,9 +215,10 @@ fn run_steps(ui: Ui, cluster: &Cluster, report: &mut Report) {
         report,
     };
     type Step<'a, 'c> = fn(&mut Demo<'a, 'c>) -> Result<()>;
-    let steps: [(&str, Step); 5] = [
+    let steps: [(&str, Step); 6] = [
         ("same-node traffic", Demo::same_node),
         ("cross-node traffic", Demo::across_nodes),
+        ("IPv6 traffic", Demo::ipv6),
         ("traffic outside the mesh", Demo::outside_mesh),
         ("fail-closed capture", Demo::fail_closed),
         ("L7 with a waypoint", Demo::waypoint),
@@ -321,7 +322,11 @@ fn start(ui: Ui, cluster: &Cluster, report: &mut Report) -> Result<Mesh> {
          legacy is not",
     );
 
-    let http = |p: &Pod| p.spawn_testapp(&["http", "--listen", "0.0.0.0:8080", "--name", p.name()]);
+    ui.out(ui.dim(
+        "every pod is dual-stack: it also has an IPv6 address (step 4 uses them), \
+         and a link-local one on eth0",
+    ));
+    let http = |p: &Pod| p.spawn_testapp(&["http", "--listen", "[::]:8080", "--name", p.name()]);
     let cart_app = http(&cart)?;
     let payments_app = http(&payments)?;
     let inventory_app = http(&inventory)?;
@@ -684,9 +689,111 @@ impl Demo<'_, '_> {
 
     // === Step 4 ===
 
+    /// The same mesh over IPv6: a request to payments' IPv6 address is tunnelled exactly as
+    /// over IPv4, and link-local, which cannot be tunnelled, is refused at connect.
+    fn ipv6(&mut self) -> Result<()> {
+        let ui = self.ui;
+        ui.heading("4. IPv6: frontend → payments over IPv6, and link-local refused");
+        let (frontend, payments, cart) = (
+            self.m.frontend.clone(),
+            self.m.payments.clone(),
+            self.m.cart.clone(),
+        );
+        ui.out(format!(
+            "frontend's IPv6 address is {}, payments' is {}",
+            frontend.ip6(),
+            ui.bold(&payments.ip6().to_string())
+        ));
+        let (cursor_a, cursor_b) = (self.m.zt_a.log_cursor(), self.m.zt_b.log_cursor());
+        let capture = BridgeCapture::start(self.cluster, "4-ipv6")?;
+        let url = format!("http://[{}]:{HTTP_PORT}/", payments.ip6());
+        ui.command(&format!("curl -sS -g {url}"), "from shop/frontend");
+        let reply = http_get(&frontend, &url);
+        let pcap = capture.stop()?;
+        match &reply {
+            Ok(r) => ui.out(format!(
+                "{} · {}",
+                r.status_line,
+                ui.bold(r.body.trim_end())
+            )),
+            Err(e) => ui.out(ui.red(&format!("{e:#}"))),
+        }
+        let dst = format!("[{}]:{HTTP_PORT}", payments.ip6());
+        let out = access_record(&self.m.zt_a, cursor_a, "outbound", frontend.ip6(), &dst);
+        let inb = access_record(&self.m.zt_b, cursor_b, "inbound", frontend.ip6(), &dst);
+        self.show_records("access logs", [&out, &inb]);
+        let wire = Wire::read(&pcap)?;
+        self.report.check(
+            "IPv6: frontend → payments answered 200 \"hello from payments\" through HBONE, both identities proven",
+            reply
+                .as_ref()
+                .map_err(|e| format!("{e:#}"))
+                .and_then(|r| {
+                    if r.status == 200 && r.body == "hello from payments\n" {
+                        Ok(())
+                    } else {
+                        Err(format!("got {} {:?}", r.status, r.body))
+                    }
+                })
+                .and_then(|()| {
+                    let (o, i) = (out.as_ref().map_err(|e| format!("{e:#}"))?, inb.as_ref().map_err(|e| format!("{e:#}"))?);
+                    expect_record(o, "HBONE", &frontend.identity(), &payments.identity())
+                        .and_then(|()| expect_record(i, "HBONE", &frontend.identity(), &payments.identity()))
+                        .map_err(|e| format!("{e:#}"))
+                }),
+        );
+        let non_hbone = wire.pairs_without(HBONE_PORT);
+        self.report.expect(
+            "IPv6 on the wire: only port 15008 between the nodes, the body never in the clear",
+            !wire.segments.is_empty()
+                && non_hbone.is_empty()
+                && wire.count(b"hello from payments") == 0,
+            || {
+                format!(
+                    "TCP outside HBONE: {non_hbone:?}; body seen {} times",
+                    wire.count(b"hello from payments")
+                )
+            },
+        );
+
+        let (cart_ll, _) = cart.link_local()?;
+        let (_, eth0) = frontend.link_local()?;
+        let to = SocketAddrV6::new(cart_ll, HTTP_PORT, 0, eth0);
+        ui.command(
+            &format!("ambit-testapp connect --to {to}"),
+            "from shop/frontend, to cart's link-local address",
+        );
+        let refused = frontend.run_testapp(
+            &["connect", "--to", &to.to_string(), "--timeout-secs", "3"],
+            SHORT,
+        );
+        let outcome = refused
+            .as_ref()
+            .map(|v| {
+                v["error"]
+                    .as_str()
+                    .unwrap_or(v["result"].as_str().unwrap_or_default())
+                    .to_string()
+            })
+            .unwrap_or_else(|e| format!("{e:#}"));
+        ui.out(format!("connect(): {}", ui.bold(&outcome)));
+        ui.explain(
+            "link-local addresses cannot be carried in a tunnel and are in no config, so the \
+             capture programs refuse them at connect(): nothing leaves the pod",
+        );
+        self.report.expect(
+            "IPv6: a link-local connection from an enrolled pod is refused at connect()",
+            outcome.contains("Operation not permitted"),
+            || format!("got {outcome}"),
+        );
+        Ok(())
+    }
+
+    // === Step 5 ===
+
     fn outside_mesh(&mut self) -> Result<()> {
         let ui = self.ui;
-        ui.heading("4. Outside the mesh: legacy/inventory is not enrolled");
+        ui.heading("5. Outside the mesh: legacy/inventory is not enrolled");
         let (frontend, cart, inventory) = (
             self.m.frontend.clone(),
             self.m.cart.clone(),
@@ -817,11 +924,11 @@ impl Demo<'_, '_> {
         Ok(())
     }
 
-    // === Step 5 ===
+    // === Step 6 ===
 
     fn fail_closed(&mut self) -> Result<()> {
         let ui = self.ui;
-        ui.heading("5. Fail closed: kill -9 ztunnel on node-a, then restart it");
+        ui.heading("6. Fail closed: kill -9 ztunnel on node-a, then restart it");
         let (frontend, payments, cart) = (
             self.m.frontend.clone(),
             self.m.payments.clone(),
@@ -1147,10 +1254,15 @@ fn access_record(
     zt: &Ztunnel,
     cursor: usize,
     direction: &str,
-    src: Ipv4Addr,
+    src: impl Into<IpAddr>,
     dst: &str,
 ) -> Result<Value> {
-    let src_prefix = format!("{src}:");
+    let src: IpAddr = src.into();
+    // The port is not known: the address as a socket address prints, up to the port.
+    let src_prefix = SocketAddr::new(src, 0)
+        .to_string()
+        .trim_end_matches('0')
+        .to_string();
     zt.wait_for_log_since(cursor, SHORT, |v| {
         v.get("target").and_then(Value::as_str) == Some("access")
             && field_str(v, "direction") == direction

@@ -1,4 +1,4 @@
-//! Step 6 of the demo: a namespace with a waypoint, a 90/10 canary split and header-based
+//! Step 7 of the demo: a namespace with a waypoint, a 90/10 canary split and header-based
 //! routing, configured with a Gateway API HTTPRoute.
 
 use std::time::Duration;
@@ -32,7 +32,7 @@ impl Demo<'_, '_> {
     pub(super) fn waypoint(&mut self) -> Result<()> {
         let ui = self.ui;
         ui.heading(
-            "6. L7 with a waypoint: a 90/10 canary, header-based routing and L7 authorization",
+            "7. L7 with a waypoint: a 90/10 canary, header-based routing and L7 authorization",
         );
         let nodes = self.cluster.nodes();
         let (a, b) = (

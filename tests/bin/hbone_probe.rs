@@ -9,6 +9,12 @@
 //! on one keep-alive connection, or N HTTP/2 (prior knowledge) requests on one connection,
 //! `--concurrency` at a time. It then prints the count of each status and of each response
 //! body (`statuses`, `bodies`) and the first errors.
+//!
+//! With `--tunnels N` it opens N tunnels instead (CONNECTs on one HBONE connection,
+//! `--concurrency` at a time), each carrying the `--baggage` template with `{i}` replaced by
+//! the tunnel's number, and sends one HTTP/1.1 request (`Connection: close`) through each;
+//! it prints the count of each HTTP status (`statuses`) and of each CONNECT status
+//! (`connect_statuses`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -59,9 +65,19 @@ struct Args {
     /// Send this many HTTP/2 requests (h2c, prior knowledge) through the tunnel.
     #[arg(long, conflicts_with = "send")]
     h2c: Option<usize>,
-    /// HTTP/2 requests in flight at once.
+    /// HTTP/2 requests (or, with --tunnels, tunnels) in flight at once.
     #[arg(long, default_value_t = 10)]
     concurrency: usize,
+    /// Open this many tunnels to --target, one HTTP/1.1 request in each.
+    #[arg(long, conflicts_with_all = ["send", "http1", "h2c"])]
+    tunnels: Option<usize>,
+    /// `baggage` of each tunnel (with --tunnels); `{i}` becomes the tunnel's number.
+    #[arg(long)]
+    baggage: Option<String>,
+    /// A `forwarded: for="ADDR"` header on the CONNECT: the client address a source
+    /// ztunnel would claim.
+    #[arg(long)]
+    forwarded: Option<SocketAddr>,
     /// Path of the HTTP requests.
     #[arg(long, default_value = "/")]
     path: String,
@@ -81,6 +97,8 @@ const MAX_ERRORS: usize = 5;
 struct Tally {
     statuses: std::collections::BTreeMap<String, u64>,
     bodies: std::collections::BTreeMap<String, u64>,
+    /// CONNECT statuses, with --tunnels.
+    connects: std::collections::BTreeMap<String, u64>,
     errors: Vec<String>,
 }
 
@@ -117,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
                 "status": status,
                 "statuses": t.statuses,
                 "bodies": t.bodies,
+                "connect_statuses": t.connects,
                 "errors": t.errors,
             })
         ),
@@ -147,10 +166,17 @@ async fn probe(args: &Args) -> anyhow::Result<(u16, Outcome)> {
         .context("HTTP/2 handshake")?;
     tokio::spawn(connection);
     let mut client = client.ready().await?;
-    let request = http::Request::builder()
+    if let Some(n) = args.tunnels {
+        let tally = many_tunnels(client, n, args).await?;
+        return Ok((200, Outcome::Http(tally)));
+    }
+    let mut request = http::Request::builder()
         .method(args.method.as_str())
-        .uri(args.target.as_str())
-        .body(())?;
+        .uri(args.target.as_str());
+    if let Some(f) = args.forwarded {
+        request = request.header("forwarded", format!("for=\"{f}\""));
+    }
+    let request = request.body(())?;
     let (response, mut send) = client.send_request(request, false)?;
     let response = response.await?;
     let status = response.status().as_u16();
@@ -254,6 +280,79 @@ async fn h2c(tunnel: H2Stream, n: usize, args: &Args) -> anyhow::Result<Tally> {
         for t in tasks {
             match t.await {
                 Ok(Ok((status, body))) => tally.response(status, &body),
+                Ok(Err(e)) => tally.error(e),
+                Err(e) => tally.error(format!("task: {e}")),
+            }
+        }
+    }
+    Ok(tally)
+}
+
+/// `n` tunnels, `--concurrency` at a time, each with its own `baggage` and one HTTP/1.1
+/// request.
+async fn many_tunnels(
+    client: h2::client::SendRequest<Bytes>,
+    n: usize,
+    args: &Args,
+) -> anyhow::Result<Tally> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tally = Tally::default();
+    let raw = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        args.path, args.host
+    );
+    let mut next = 0;
+    while next < n {
+        let batch = (n - next).min(args.concurrency.max(1));
+        let mut tasks = Vec::with_capacity(batch);
+        for i in next..next + batch {
+            let mut client = client.clone();
+            let mut request = http::Request::builder()
+                .method("CONNECT")
+                .uri(args.target.as_str());
+            if let Some(b) = &args.baggage {
+                request = request.header("baggage", b.replace("{i}", &i.to_string()));
+            }
+            let request = request.body(())?;
+            let raw = raw.clone();
+            tasks.push(tokio::spawn(async move {
+                client = client.ready().await.map_err(|e| format!("ready: {e}"))?;
+                let (response, send) = client
+                    .send_request(request, false)
+                    .map_err(|e| format!("CONNECT: {e}"))?;
+                let response = response.await.map_err(|e| format!("CONNECT: {e}"))?;
+                let connect = response.status().as_u16();
+                if connect != 200 {
+                    return Ok::<_, String>((connect, None));
+                }
+                let mut tunnel = H2Stream::new(send, response.into_body());
+                tunnel
+                    .write_all(raw.as_bytes())
+                    .await
+                    .map_err(|e| format!("write: {e}"))?;
+                let mut answer = Vec::new();
+                tunnel
+                    .read_to_end(&mut answer)
+                    .await
+                    .map_err(|e| format!("read: {e}"))?;
+                let text = String::from_utf8_lossy(&answer);
+                let status = text
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|s| s.parse::<u16>().ok())
+                    .ok_or_else(|| format!("no status line in {:?}", text.lines().next()))?;
+                Ok((connect, Some(status)))
+            }));
+        }
+        next += batch;
+        for t in tasks {
+            match t.await {
+                Ok(Ok((connect, status))) => {
+                    *tally.connects.entry(connect.to_string()).or_default() += 1;
+                    if let Some(s) = status {
+                        *tally.statuses.entry(s.to_string()).or_default() += 1;
+                    }
+                }
                 Ok(Err(e)) => tally.error(e),
                 Err(e) => tally.error(format!("task: {e}")),
             }

@@ -8,10 +8,12 @@
 //!   header `x-peer: <client ip:port>`, so tests see which source address the
 //!   app observed. With `--fail-rate`, that fraction of requests (at random)
 //!   gets 503 and body `NAME unavailable\n` instead.
-//!   `--delay-ms N` waits N ms before each answer. `--fail-status S` answers failures
+//!   `--delay-ms N` waits N ms before each answer. With `--hold-file F`, requests to
+//!   `/hold…` print `holding PATH` and wait until F exists. `--fail-status S` answers failures
 //!   with S instead of 503. `GET /__served` answers (without being counted) how many
 //!   other requests the server has answered, so tests can count at the server side. The header `x-path` echoes the path
-//!   the server saw. Requests with `content-type: application/grpc` are answered as
+//!   the server saw, `x-host` every `Host` value it received (joined with ` | `), and
+//!   `x-target` the request-target. Requests with `content-type: application/grpc` are answered as
 //!   gRPC (see [`grpc`]): `/ambit.test.Echo/Unary` answers one message, the server's
 //!   name; `/ambit.test.Echo/ServerStream` answers as many as the request message says.
 //! - `sink --listen ADDR`: reads to EOF, replies `<bytes> <sha256hex>\n`.
@@ -30,15 +32,23 @@
 //! - `http-load --to ADDR --requests N [--concurrency C] [--h2c] ...`: N requests,
 //!   counted per status and per body (`statuses`, `bodies`, `errors`, `connections`).
 //! - `ws-echo`, `ws`: WebSocket echo server and client (see [`ws`]).
+//! - `flood --to ADDR --conns N [--sources IPS] [--send STR]`: opens and holds many
+//!   connections like a flood, and counts what the server closed (see [`flood`]).
+//! - `h2c --listen ADDR --name NAME`: an HTTP/1.1 server that honours `Upgrade: h2c`
+//!   and prints every upgrade and request it serves (see [`h2c`]).
 //! - `steady-load`, `hold`: paced load that survives drains, and many idle connections
 //!   (see [`steady`]).
 //! - `grpc --to ADDR --calls N --method unary|stream [--stream-messages M]`: real gRPC
 //!   over h2c; counts per server name and per `grpc-status`.
 
+#[path = "testapp_flood.rs"]
+mod flood;
 #[path = "testapp_frames.rs"]
 mod frames;
 #[path = "testapp_grpc.rs"]
 mod grpc;
+#[path = "testapp_h2c.rs"]
+mod h2c;
 #[path = "testapp_load.rs"]
 mod load;
 #[path = "testapp_steady.rs"]
@@ -105,6 +115,10 @@ enum Cmd {
         /// The status of failed requests (`--fail-rate`).
         #[arg(long, default_value_t = 503)]
         fail_status: u16,
+        /// Requests whose path starts with `/hold` wait until this file exists, so
+        /// tests can keep requests in flight for as long as they need, without timing.
+        #[arg(long)]
+        hold_file: Option<std::path::PathBuf>,
     },
     /// Many HTTP requests (HTTP/1.1 keep-alive or h2c), counted by status and body.
     HttpLoad {
@@ -198,6 +212,13 @@ enum Cmd {
         #[arg(long)]
         hold: bool,
     },
+    /// HTTP/1.1 server that honours `Upgrade: h2c`, printing what it serves.
+    H2c {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        name: String,
+    },
     /// WebSocket echo server.
     WsEcho(ws::EchoArgs),
     /// WebSocket client: echoes N messages, optionally waits for the server's Close.
@@ -206,6 +227,8 @@ enum Cmd {
     SteadyLoad(steady::LoadArgs),
     /// Holds N h2c connections open until a file appears.
     Hold(steady::HoldArgs),
+    /// Opens and holds many TCP connections (idle or with partial data), like a flood.
+    Flood(flood::FloodArgs),
 }
 
 /// xorshift64*: fast, deterministic, and good enough to defeat any
@@ -261,7 +284,8 @@ fn main() -> ExitCode {
                 fail_rate,
                 delay_ms,
                 fail_status,
-            } => serve_http(listen, name, fail_rate, delay_ms, fail_status).await,
+                hold_file,
+            } => serve_http(listen, name, fail_rate, delay_ms, fail_status, hold_file).await,
             Cmd::HttpLoad {
                 to,
                 requests,
@@ -330,10 +354,12 @@ fn main() -> ExitCode {
                 send,
                 hold,
             } => connect(&to, secs(timeout_secs), send.as_deref(), hold).await,
+            Cmd::H2c { listen, name } => h2c::serve(listen, name).await,
             Cmd::WsEcho(args) => ws::echo_server(args).await,
             Cmd::Ws(args) => ws::client(args).await,
             Cmd::SteadyLoad(args) => steady::load(args).await,
             Cmd::Hold(args) => steady::hold(args).await,
+            Cmd::Flood(args) => flood::run(args).await,
         }
     })
 }
@@ -425,6 +451,7 @@ async fn serve_http(
     fail_rate: f64,
     delay_ms: u64,
     fail_status: u16,
+    hold_file: Option<std::path::PathBuf>,
 ) -> ExitCode {
     let fail_status =
         hyper::StatusCode::from_u16(fail_status).unwrap_or(hyper::StatusCode::SERVICE_UNAVAILABLE);
@@ -453,6 +480,7 @@ async fn serve_http(
         let (body, unavailable, prng) = (body.clone(), unavailable.clone(), prng.clone());
         let name = name.clone();
         let served = served.clone();
+        let hold_file = hold_file.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 if grpc::is_grpc(&req) {
@@ -489,7 +517,30 @@ async fn serve_http(
                 if let Ok(v) = HeaderValue::try_from(req.uri().path()) {
                     headers.insert(HeaderName::from_static("x-path"), v);
                 }
+                // And every Host it got, and the request-target, so tests can check that
+                // what was authorized is what arrived.
+                let hosts: Vec<&str> = req
+                    .headers()
+                    .get_all(hyper::header::HOST)
+                    .iter()
+                    .map(|v| v.to_str().unwrap_or("<not UTF-8>"))
+                    .collect();
+                if let Ok(v) = HeaderValue::try_from(hosts.join(" | ")) {
+                    headers.insert(HeaderName::from_static("x-host"), v);
+                }
+                if let Ok(v) = HeaderValue::try_from(req.uri().to_string()) {
+                    headers.insert(HeaderName::from_static("x-target"), v);
+                }
+                let hold = hold_file
+                    .clone()
+                    .filter(|_| req.uri().path().starts_with("/hold"));
                 Box::pin(async move {
+                    if let Some(file) = hold {
+                        println!("holding {}", req.uri().path());
+                        while !file.exists() {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
                     // Drain the request body so the client can finish sending.
                     let _ = http_body_util::BodyExt::collect(req.into_body()).await;
                     if delay_ms > 0 {

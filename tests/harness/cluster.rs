@@ -1134,7 +1134,7 @@ impl Pod {
     pub fn spawn_testapp(&self, args: &[&str]) -> Result<Proc> {
         let mut cmd = self.testapp_command(args)?;
         let proc = self.spawn(&mut cmd)?;
-        if matches!(args.first(), Some(&("echo" | "http" | "sink"))) {
+        if matches!(args.first(), Some(&("echo" | "http" | "sink" | "h2c"))) {
             proc.wait_for_line(APP_READY_TIMEOUT, |l| l.starts_with("listening on"))?;
         }
         Ok(proc)
@@ -1226,11 +1226,20 @@ impl Pod {
             if rules.contains("0x1000") {
                 found.push(format!("ip {family} rule: {rules}"));
             }
-            let routes = self.run_ok(
+            let out = self.run(
                 self.command("ip")
                     .args([family, "route", "show", "table", "100"]),
                 CAPTURE_STATE_TIMEOUT,
             )?;
+            let routes = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            // A table that was never created is as empty as one that was emptied.
+            if !out.status.success() && !stderr.contains("FIB table does not exist") {
+                anyhow::bail!(
+                    "ip {family} route show table 100 in pod {}: {stderr}",
+                    self.name()
+                );
+            }
             if !routes.trim().is_empty() {
                 found.push(format!("ip {family} table 100: {routes}"));
             }

@@ -50,6 +50,7 @@
 //! - [`fake_apiserver`]: a fake Kubernetes API server (list/watch) for the Kubernetes
 //!   config source.
 //! - [`token_review`]: a fake API server (TokenReview, pods by node) for the signer.
+//! - [`waypoint`]: a waypoint process in a pod, its metrics and its memory.
 
 pub mod capture;
 pub mod cgroup;
@@ -60,6 +61,7 @@ pub mod netns;
 pub mod process;
 pub mod skip;
 pub mod token_review;
+pub mod waypoint;
 pub mod ztunnel;
 
 mod sys;

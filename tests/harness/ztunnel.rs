@@ -39,6 +39,8 @@ pub struct ZtunnelOpts {
     pub env: Vec<(String, String)>,
     /// The binary; default [`crate::bin_path`]`("ztunnel")`.
     pub binary: Option<PathBuf>,
+    /// Open-files limit (soft and hard, so ztunnel cannot raise it), set with `prlimit`.
+    pub nofile: Option<u64>,
 }
 
 /// A ztunnel running on a node; killed on drop. After a panic, drop prints
@@ -64,6 +66,7 @@ impl Default for ZtunnelOpts {
             extra_args: Vec::new(),
             env: Vec::new(),
             binary: None,
+            nofile: None,
         }
     }
 }
@@ -96,6 +99,13 @@ impl ZtunnelOpts {
     /// Adds an environment variable.
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Runs ztunnel with this open-files limit (soft and hard), e.g. to exhaust it in a
+    /// test.
+    pub fn nofile(mut self, limit: u64) -> Self {
+        self.nofile = Some(limit);
         self
     }
 
@@ -151,7 +161,17 @@ impl Node {
 impl Ztunnel {
     fn spawn(&mut self) -> Result<()> {
         let cluster = self.node.cluster();
-        let mut cmd = self.node.command(&self.binary);
+        // prlimit sets the limit on itself and execs ztunnel, so the PID is ztunnel's.
+        let mut cmd = match self.opts.nofile {
+            Some(n) => {
+                let mut c = self.node.command("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(&self.binary);
+                c
+            }
+            None => self.node.command(&self.binary),
+        };
         cmd.arg("run")
             .arg("--config")
             .arg(cluster.config_path())

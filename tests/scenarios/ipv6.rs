@@ -234,6 +234,47 @@ fn assert_tunnelled(
     Ok(())
 }
 
+impl Mesh {
+    /// The ztunnel of the node `pod` runs on.
+    fn ztunnel_of(&self, pod: &Pod) -> &Ztunnel {
+        if pod.node().name() == self.a.name() {
+            &self.zt_a
+        } else {
+            &self.zt_b
+        }
+    }
+
+    /// One request from the client to `server`'s IPv6 address, which must be answered by
+    /// `server` through HBONE, with both identities in both ztunnels' access logs.
+    fn tunnelled_to(&self, server: &Pod, test: &str) -> Result<()> {
+        let zt_dst = self.ztunnel_of(server);
+        let (ca, cdst) = (self.zt_a.log_cursor(), zt_dst.log_cursor());
+        let to = v6(server);
+        match request(&self.client, to, &marker(test, server.name()))? {
+            Outcome::Served(name) if name == server.name() => {}
+            other => anyhow::bail!("client → {to}: {other:?}"),
+        }
+        assert_tunnelled((&self.zt_a, ca), (zt_dst, cdst), to, self, server)
+    }
+}
+
+/// `dig AAAA name` from `pod`, asking `server` (the query goes to the pod's DNS proxy
+/// whatever server it names); the IPv6 addresses answered.
+fn dig_aaaa(pod: &Pod, server: &str, name: &str) -> Result<Vec<Ipv6Addr>> {
+    let out = pod.run_ok(
+        pod.command("dig").args([
+            &format!("@{server}"),
+            "+short",
+            "+time=3",
+            "+tries=1",
+            "AAAA",
+            name,
+        ]),
+        SHORT,
+    )?;
+    Ok(out.lines().filter_map(|l| l.trim().parse().ok()).collect())
+}
+
 /// Native IPv6 and link-local from an enrolled pod: every connection is tunnelled through
 /// HBONE (and logged) or refused at connect; none delivered to the wrong listener, and the
 /// markers of mesh traffic never cross a bridge in the clear. This is the test that failed
@@ -396,25 +437,27 @@ fn dual_stack_requests_services_and_dns_work_over_both_families() -> Result<()> 
 
     let between = m.cluster.capture_bridge()?;
     for server in [&m.web, &m.api] {
-        let (ca, cdst) = (m.zt_a.log_cursor(), m.zt_b.log_cursor());
-        let zt_dst = if server.node().name() == "a" {
-            &m.zt_a
-        } else {
-            &m.zt_b
-        };
-        let cdst = if server.node().name() == "a" {
-            ca
-        } else {
-            cdst
-        };
-        let to = v6(server);
-        match request(&m.client, to, &marker("dual", server.name()))? {
-            Outcome::Served(name) if name == server.name() => {}
-            other => anyhow::bail!("client → {to}: {other:?}"),
-        }
-        assert_tunnelled((&m.zt_a, ca), (zt_dst, cdst), to, &m, server)?;
+        m.tunnelled_to(server, "dual")?;
     }
     let pcap = between.stop()?;
+    // Istio's TCP metrics name IPv6 peers like IPv4 ones: the requests so far were all IPv6.
+    for (node, reporter) in [(&m.a, "source"), (&m.b, "destination")] {
+        let url = format!("http://{}:15020/metrics", node.ip());
+        let page = node.run(node.command("curl").args(["-sS", "-m", "5", &url]), SHORT)?;
+        let page = String::from_utf8_lossy(&page.stdout).into_owned();
+        let found = page.lines().any(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains(&format!("reporter=\"{reporter}\""))
+                && l.contains("source_workload=\"client\"")
+                && l.contains("destination_workload=\"api\"")
+                && l.contains(&format!("source_principal=\"{}\"", m.client.identity()))
+        });
+        ensure!(
+            found,
+            "no {reporter} TCP metric for client → api over IPv6 on {}:\n{page}",
+            node.name()
+        );
+    }
     let ports = tcp_ports_seen(&pcap);
     ensure!(
         ports.contains(&15008) && !ports.contains(&PORT),
@@ -449,21 +492,10 @@ fn dual_stack_requests_services_and_dns_work_over_both_families() -> Result<()> 
 
     // DNS: the AAAA record of the service is its IPv6 VIP, asked over either family.
     for server in [format!("10.{s}.0.53"), format!("fd00:{s:x}::53")] {
-        let out = m.client.run_ok(
-            m.client.command("dig").args([
-                &format!("@{server}"),
-                "+short",
-                "+time=3",
-                "+tries=1",
-                "AAAA",
-                "hello.shop.svc.cluster.local",
-            ]),
-            SHORT,
-        )?;
-        let answers: Vec<Ipv6Addr> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        let answers = dig_aaaa(&m.client, &server, "hello.shop.svc.cluster.local")?;
         ensure!(
             answers == vec![vip6.parse::<Ipv6Addr>()?],
-            "dig AAAA via {server}: {out:?}"
+            "dig AAAA via {server}: {answers:?}"
         );
     }
     Ok(())
@@ -508,23 +540,7 @@ fn ipv6_only_cluster_works_end_to_end() -> Result<()> {
     let s = m.cluster.slot();
     let vip6 = format!("fd00:{s:x}:fa::10");
     for server in [&m.web, &m.api] {
-        let ca = m.zt_a.log_cursor();
-        let cdst = if server.node().name() == "a" {
-            ca
-        } else {
-            m.zt_b.log_cursor()
-        };
-        let zt_dst = if server.node().name() == "a" {
-            &m.zt_a
-        } else {
-            &m.zt_b
-        };
-        let to = v6(server);
-        match request(&m.client, to, &marker("v6only", server.name()))? {
-            Outcome::Served(name) if name == server.name() => {}
-            other => anyhow::bail!("client → {to}: {other:?}"),
-        }
-        assert_tunnelled((&m.zt_a, ca), (zt_dst, cdst), to, &m, server)?;
+        m.tunnelled_to(server, "v6only")?;
     }
     // With no IPv4 address, the pod's IPv4 connections are refused, not sent uncaptured.
     match request(
@@ -546,18 +562,15 @@ fn ipv6_only_cluster_works_end_to_end() -> Result<()> {
         Outcome::Served(name) if name == "web" || name == "api" => {}
         other => anyhow::bail!("IPv6 VIP {to}: {other:?}"),
     }
-    let out = m.client.run_ok(
-        m.client.command("dig").args([
-            &format!("@fd00:{s:x}::53"),
-            "+short",
-            "+time=3",
-            "+tries=1",
-            "AAAA",
-            "hello.shop.svc.cluster.local",
-        ]),
-        SHORT,
+    let answers = dig_aaaa(
+        &m.client,
+        &format!("fd00:{s:x}::53"),
+        "hello.shop.svc.cluster.local",
     )?;
-    ensure!(out.trim() == vip6, "dig AAAA: {out:?}");
+    ensure!(
+        answers == vec![vip6.parse::<Ipv6Addr>()?],
+        "dig AAAA: {answers:?}"
+    );
     Ok(())
 }
 
@@ -568,10 +581,12 @@ fn a_crashed_ztunnel_fails_ipv6_closed_and_a_restart_restores_it() -> Result<()>
     harness::skip_or_fail!(Ok(()));
     let mut m = mesh(IpFamilies::DualStack)?;
     let to = v6(&m.api);
+    let (ca, cb) = (m.zt_a.log_cursor(), m.zt_b.log_cursor());
     ensure!(matches!(
         request(&m.client, to, "crash-before")?,
         Outcome::Served(_)
     ));
+    assert_tunnelled((&m.zt_a, ca), (&m.zt_b, cb), to, &m, &m.api)?;
     m.zt_a.kill9()?;
     let bridge = m.a.capture(harness::cluster::NODE_BRIDGE)?;
     for (case, dst) in [("ipv6", to), ("link-local", link_local(&m.client, &m.web)?)] {
@@ -593,11 +608,14 @@ fn a_crashed_ztunnel_fails_ipv6_closed_and_a_restart_restores_it() -> Result<()>
     );
     m.zt_a.restart()?;
     m.zt_a.wait_ready(LONG)?;
+    let (ca, cb) = (m.zt_a.log_cursor(), m.zt_b.log_cursor());
     let back = harness::wait_until(
         LONG,
         || matches!(request(&m.client, to, "crash-after"), Ok(Outcome::Served(ref n)) if n == "api"),
     );
     back.context("IPv6 traffic did not come back after the restart")?;
+    // Back through the tunnel, not around it.
+    assert_tunnelled((&m.zt_a, ca), (&m.zt_b, cb), to, &m, &m.api)?;
     Ok(())
 }
 
@@ -719,23 +737,7 @@ fn waypoint_over_ipv6(families: IpFamilies) -> Result<()> {
     );
     zt.0.wait_ready(LONG)?;
     zt.1.wait_ready(LONG)?;
-    let mut cmd = wp.command(harness::bin_path("waypoint")?);
-    cmd.arg("run")
-        .arg("--config")
-        .arg(cluster.config_path())
-        .args(["--name", "waypoint", "--namespace", "shop"])
-        .arg("--ca-dir")
-        .arg(cluster.ca_dir())
-        .args(["--log-format", "json"])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1");
-    let waypoint = wp.spawn(&mut cmd)?;
-    waypoint
-        .log()
-        .wait_for(0, LONG, |l| {
-            l.json.as_ref().and_then(message) == Some("waypoint ready")
-        })
-        .with_context(|| format!("waypoint did not start:\n{}", waypoint.log().tail(30)))?;
+    let waypoint = harness::waypoint::spawn_waypoint(&cluster, &wp, "waypoint", "shop", &[])?;
 
     let to = SocketAddr::new(vip6.parse::<IpAddr>()?, 80);
     let mut seen = std::collections::BTreeMap::<String, u32>::new();

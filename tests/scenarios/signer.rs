@@ -564,3 +564,85 @@ fn waypoint_binary_obtains_its_own_identity_and_is_refused_another() -> Result<(
     assert!(denied[0].contains("spiffe://cluster.local/ns/shop/sa/web"));
     Ok(())
 }
+
+/// Opens a TLS connection to the signer from `source` (a loopback address of node `a`),
+/// sends a POST whose head promises a 4 KiB body, sends a little of it, and holds the
+/// connection. `Ok(true)` once the stall is in place; `Ok(false)` if the signer refused
+/// the connection first.
+async fn stall_upload(
+    roots: std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+    source: std::net::IpAddr,
+    hold: Duration,
+) -> Result<bool> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(source, 0))?;
+    let tcp = socket.connect("127.0.0.1:15012".parse()?).await?;
+    let name = rustls_pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let Ok(mut tls) = tokio_rustls::TlsConnector::from(roots)
+        .connect(name, tcp)
+        .await
+    else {
+        return Ok(false);
+    };
+    let head = "POST /v1/certificates HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer not-a-token\r\n\
+                content-type: application/json\r\ncontent-length: 4096\r\n\r\n{\"identity\":";
+    if tls.write_all(head.as_bytes()).await.is_err() || tls.flush().await.is_err() {
+        return Ok(false);
+    }
+    // Hold until the signer gives up on us (or the test does).
+    let mut buf = [0u8; 256];
+    let _ = tokio::time::timeout(hold, tls.read(&mut buf)).await;
+    Ok(true)
+}
+
+/// Issue 13, acceptance 4: stalled, unauthenticated uploads hold no in-flight permit, so a
+/// node's legitimate certificate requests keep succeeding under 200 of them (they come
+/// from eight other source addresses, as a hostile pod's would).
+#[test]
+fn stalled_unauthenticated_uploads_do_not_block_issuance() -> Result<()> {
+    harness::skip_or_fail!(Ok(()));
+    let lab = lab()?;
+    let zt_a = lab.config("zt-a")?;
+    let bundle = lab.bundle();
+    let roots = client_config_with_roots(&tls::parse_certs(&bundle, &std::fs::read(&bundle)?)?)?;
+    let web = "spiffe://cluster.local/ns/shop/sa/web";
+    let (stalled, issued) = lab.on_a(async {
+        let attackers: Vec<_> = (0..200u32)
+            .map(|i| {
+                let source = std::net::IpAddr::from([127, 0, 0, 2 + (i % 8) as u8]);
+                tokio::spawn(stall_upload(roots.clone(), source, Duration::from_secs(40)))
+            })
+            .collect();
+        // Let every stall reach the signer before asking for real.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut issued = Vec::new();
+        for _ in 0..10 {
+            issued.push(obtain(&zt_a, web, Duration::from_secs(3600)).await);
+        }
+        let mut stalled = 0;
+        for a in attackers {
+            if let Ok(Ok(true)) = a.await {
+                stalled += 1;
+            }
+        }
+        (stalled, issued)
+    })?;
+    let ok = issued.iter().filter(|r| r.is_ok()).count();
+    eprintln!(
+        "signer: {stalled} of 200 stalled uploads held a connection; {ok} of 10 issuances succeeded"
+    );
+    ensure!(
+        stalled >= 150,
+        "only {stalled} stalled uploads got through: the test did not load the signer"
+    );
+    ensure!(
+        ok == 10,
+        "issuance failed under stalled uploads: {issued:?}"
+    );
+    ensure!(
+        !lab.signer_lines("request body too slow").is_empty(),
+        "no stalled upload was timed out"
+    );
+    Ok(())
+}

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use ambit_shared::admin::{self, Body};
+use ambit_shared::admission::Admission;
 use anyhow::Context as _;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -85,8 +86,13 @@ struct State {
 }
 
 /// Serves the endpoints on a thread with its own runtime, for the life of the process.
-pub fn spawn(registry: Registry, ready: Readiness, listeners: Listeners) -> anyhow::Result<()> {
-    spawn_with_outliers(registry, ready, listeners, None)
+pub fn spawn(
+    registry: Registry,
+    ready: Readiness,
+    listeners: Listeners,
+    admission: Admission,
+) -> anyhow::Result<()> {
+    spawn_with_outliers(registry, ready, listeners, None, admission)
 }
 
 /// [`spawn`], also serving `/outliers` from `destinations`.
@@ -95,6 +101,7 @@ pub fn spawn_with_outliers(
     ready: Readiness,
     listeners: Listeners,
     destinations: Option<Arc<Destinations>>,
+    admission: Admission,
 ) -> anyhow::Result<()> {
     let state = Arc::new(State {
         registry,
@@ -104,8 +111,20 @@ pub fn spawn_with_outliers(
     let route = Arc::new(move |e: Endpoint, req: &Request<Incoming>| route(e, &state, req));
     admin::spawn_thread(move || async move {
         tokio::join!(
-            admin::serve(listeners.metrics, Endpoint::Metrics, route.clone()),
-            admin::serve(listeners.readiness, Endpoint::Readiness, route),
+            admin::serve(
+                listeners.metrics,
+                &admission,
+                "metrics",
+                Endpoint::Metrics,
+                route.clone()
+            ),
+            admin::serve(
+                listeners.readiness,
+                &admission,
+                "readiness",
+                Endpoint::Readiness,
+                route
+            ),
         );
     })?;
     Ok(())

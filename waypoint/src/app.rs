@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ambit_shared::admission::{self, Admission, ListenerLimits};
 use ambit_shared::ca::CaPaths;
 use ambit_shared::certs::{self, Certificates};
 use ambit_shared::config::index::{self, Snapshot};
@@ -20,9 +21,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::admin::{self, Readiness};
+#[cfg(feature = "bench-plaintext")]
 use crate::listener::plaintext::{self, PlaintextListen};
 use crate::listener::{self, Context, ListenerConfig, Waypoint};
 use crate::metrics::Metrics;
+use crate::overload::{Overload, OverloadConfig};
 use crate::route::{GatewayRoutes, RouteTable};
 use crate::upstream::{Upstream, UpstreamConfig};
 
@@ -58,6 +61,12 @@ pub struct Settings {
     pub upstream: UpstreamConfig,
     /// Listener tuning.
     pub listener: ListenerConfig,
+    /// Admission control of every listener.
+    pub admission: admission::Limits,
+    /// Caps on HBONE streams and requests in flight.
+    pub overload: OverloadConfig,
+    /// Label sets per metric family before records are folded.
+    pub max_metric_series: usize,
 }
 
 /// The route table for a config version: its Gateway API routes (services without routes
@@ -111,16 +120,34 @@ impl Running {
 /// waypoint's certificate, binds every listener (port 0 picks a free one) and starts
 /// serving.
 pub async fn start(settings: Settings) -> anyhow::Result<Running> {
-    start_with(settings, Vec::new()).await
+    start_inner(settings, Extra::default()).await
 }
 
-/// [`start`], plus the benchmarks' plaintext listeners.
+/// [`start`], plus the benchmarks' plaintext listeners (feature `bench-plaintext`).
+#[cfg(feature = "bench-plaintext")]
 pub async fn start_with(
     settings: Settings,
     plaintext: Vec<PlaintextListen>,
 ) -> anyhow::Result<Running> {
+    start_inner(settings, Extra { plaintext }).await
+}
+
+/// What only some builds start.
+#[derive(Debug, Default)]
+struct Extra {
+    /// The benchmarks' plaintext listeners.
+    #[cfg(feature = "bench-plaintext")]
+    plaintext: Vec<PlaintextListen>,
+}
+
+async fn start_inner(settings: Settings, extra: Extra) -> anyhow::Result<Running> {
+    // Memory a burst of connections or requests took comes back once they are gone.
+    ambit_shared::memory::spawn_trim(ambit_shared::memory::DEFAULT_TRIM_PERIOD);
     let mut registry = Registry::default();
-    let metrics = Metrics::new(&mut registry);
+    let metrics = Metrics::with_max_series(&mut registry, settings.max_metric_series);
+    let overload = Overload::new(settings.overload, &mut registry);
+    // Read after main raised the open-files limit: the reserve is a share of it.
+    let admission = Admission::new(settings.admission, &mut registry)?;
 
     let reload_metrics = metrics.clone();
     let (config, config_task) =
@@ -176,7 +203,10 @@ pub async fn start_with(
     let acceptor = listener::acceptor(cert.slot.clone(), &certificates.bundle, &trust_domain)
         .context("building the TLS server configuration")?;
     let upstream = Upstream::new(
-        settings.upstream.clone(),
+        UpstreamConfig {
+            fds: admission.fds(),
+            ..settings.upstream.clone()
+        },
         Pool::new(settings.pool.clone()),
         identity.clone(),
         cert,
@@ -195,18 +225,35 @@ pub async fn start_with(
         routes,
         upstream,
         metrics,
+        overload,
         cfg: settings.listener.clone(),
+        admission: admission.clone(),
     });
     let ready = Readiness::default();
-    admin::spawn_with_outliers(registry, ready.clone(), admin_listeners, Some(destinations))?;
+    admin::spawn_with_outliers(
+        registry,
+        ready.clone(),
+        admin_listeners,
+        Some(destinations),
+        admission.clone(),
+    )?;
 
     let (trigger, watcher) = drain::channel();
-    for p in plaintext {
+    #[cfg(feature = "bench-plaintext")]
+    for p in extra.plaintext {
         let l = plaintext::bind(p)
             .await
             .with_context(|| format!("binding the plaintext listener on {}", p.listen))?;
+        let l = admission
+            .gate("plaintext", ListenerLimits::default())
+            .listener(l);
         tokio::spawn(plaintext::serve(l, p.target, ctx.clone(), watcher.clone()));
     }
+    #[cfg(not(feature = "bench-plaintext"))]
+    let Extra {} = extra;
+    let hbone = admission
+        .gate(listener::LISTENER, ListenerLimits::default())
+        .listener(hbone);
     tokio::spawn(listener::serve(hbone, acceptor, ctx, watcher));
     ready.mark_ready();
     info!(name = %settings.name, namespace = %settings.namespace, identity = %identity,
@@ -223,15 +270,20 @@ pub async fn start_with(
 
 /// Runs the waypoint until SIGTERM or SIGINT, then drains.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    run_with(settings, Vec::new()).await
+    serve_until_signal(settings, Extra::default()).await
 }
 
-/// [`run`], plus the benchmarks' plaintext listeners.
+/// [`run`], plus the benchmarks' plaintext listeners (feature `bench-plaintext`).
+#[cfg(feature = "bench-plaintext")]
 pub async fn run_with(settings: Settings, plaintext: Vec<PlaintextListen>) -> anyhow::Result<()> {
+    serve_until_signal(settings, Extra { plaintext }).await
+}
+
+async fn serve_until_signal(settings: Settings, extra: Extra) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let grace = settings.drain_grace;
-    let running = start_with(settings, plaintext).await?;
+    let running = start_inner(settings, extra).await?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: draining"),
         _ = int.recv() => info!("SIGINT: draining"),

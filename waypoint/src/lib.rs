@@ -11,6 +11,9 @@
 //! [`app`] knows them all:
 //! - [`listener`]: HBONE accept, CONNECT resolution, protocol detection, the HTTP proxy
 //!   and L4 forwarding.
+//! - [`overload`]: global and per-identity caps on HBONE streams and requests in flight.
+//! - [`head`]: the request head authorization and the backend both see (one host, path
+//!   parameters refused or allowed).
 //! - [`authz`]: authorization policies, per request and per L4 connection.
 //! - [`route`]: the route model the proxy works on, and the tables that select routes.
 //! - [`filters`]: header modifiers, redirects and URL rewrites.
@@ -24,8 +27,10 @@ pub mod authz;
 pub mod filters;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod head;
 pub mod listener;
 pub mod metrics;
+pub mod overload;
 pub mod resilience;
 pub mod route;
 pub mod upstream;

@@ -9,17 +9,33 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ambit_shared::admission::flags::{AdmissionArgs, HboneServerArgs};
 use ambit_shared::config::source::{Source, SourceKind};
 use ambit_shared::hbone::PoolConfig;
+#[cfg(feature = "bench-plaintext")]
 use ambit_waypoint::listener::plaintext::PlaintextListen;
-use ambit_waypoint::{app, listener, upstream};
+use ambit_waypoint::listener::upgrade::Allowlist;
+use ambit_waypoint::overload::{self, OverloadConfig};
+use ambit_waypoint::{app, listener, metrics, upstream};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+
+/// `--version`: says when the build has the benchmarks' plaintext listener, which trusts
+/// source addresses and must never ship (`tests/bench/run.sh` checks for it).
+const LONG_VERSION: &str = if cfg!(feature = "bench-plaintext") {
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (features: bench-plaintext; benchmarks only)"
+    )
+} else {
+    env!("CARGO_PKG_VERSION")
+};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "waypoint",
     version,
+    long_version = LONG_VERSION,
     about = "Ambit waypoint: per-namespace L7 proxy (HBONE in and out, HTTP routing, retries)"
 )]
 struct Cli {
@@ -128,10 +144,48 @@ struct RunArgs {
     /// Streams per pooled HBONE connection to an endpoint's node.
     #[arg(long, default_value_t = 100)]
     pool_max_streams: usize,
+    /// Upgrade protocols spliced through (HTTP/1.1 `Upgrade`, HTTP/2 extended CONNECT),
+    /// comma-separated. `h2c` is never spliced: its offer is stripped and the request
+    /// served as HTTP/1.1. Other protocols get 403.
+    #[arg(long, value_delimiter = ',', default_value = "websocket")]
+    upgrade_protocols: Vec<String>,
+    /// HBONE streams (tunnels) open at once, all clients together; over it, 503.
+    #[arg(long, default_value_t = overload::DEFAULT_MAX_HBONE_STREAMS)]
+    max_hbone_streams: usize,
+    /// HBONE streams open at once per client identity. Default: a quarter of
+    /// --max-hbone-streams.
+    #[arg(long)]
+    max_hbone_streams_per_identity: Option<usize>,
+    /// HTTP requests (and upgraded streams) in flight at once, all clients together; over
+    /// it, 503 with response flag OM.
+    #[arg(long, default_value_t = overload::DEFAULT_MAX_REQUESTS)]
+    max_requests: usize,
+    /// Requests in flight at once per client identity. Default: a quarter of
+    /// --max-requests.
+    #[arg(long)]
+    max_requests_per_identity: Option<usize>,
+    /// Upstream connections per destination service when no TrafficPolicy sets
+    /// `connectionPool.maxConnections`; 0 is unlimited.
+    #[arg(long, default_value_t = upstream::destination::DEFAULT_MAX_CONNECTIONS)]
+    max_connections_per_destination: u32,
+    /// Label sets per metric family (Istio's request and TCP metrics); records beyond
+    /// are counted in a folded series.
+    #[arg(long, default_value_t = metrics::DEFAULT_MAX_SERIES)]
+    max_metric_series: usize,
     /// Benchmarks only (repeatable): `LISTEN=VIP:PORT` serves plaintext HTTP on LISTEN as
     /// if tunnelled to the service VIP:PORT, trusting the source address as the identity.
+    /// Only in builds with the `bench-plaintext` feature, which release builds leave out.
+    #[cfg(feature = "bench-plaintext")]
     #[arg(long, value_name = "LISTEN=TARGET", hide = true)]
     plaintext_listen: Vec<PlaintextListen>,
+    /// Close an HTTP/1 connection whose request head is not complete this long after its
+    /// first byte (idle keep-alive connections are not affected); 0 never does.
+    #[arg(long, default_value_t = humantime::Duration::from(listener::DEFAULT_PARTIAL_HEAD_TIMEOUT))]
+    header_read_timeout: humantime::Duration,
+    #[command(flatten)]
+    admission: AdmissionArgs,
+    #[command(flatten)]
+    hbone: HboneServerArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -146,7 +200,10 @@ fn main() -> anyhow::Result<()> {
         args.ca_dir.as_deref(),
         args.token_file,
     )?;
+    #[cfg(feature = "bench-plaintext")]
     let plaintext = args.plaintext_listen.clone();
+    let max_hbone_streams = args.max_hbone_streams.max(1);
+    let max_requests = args.max_requests.max(1);
     let settings = app::Settings {
         signer,
         service_account: args.service_account,
@@ -178,6 +235,9 @@ fn main() -> anyhow::Result<()> {
                 max_header_bytes: args.max_header_bytes,
                 ..Default::default()
             },
+            default_max_connections: Some(args.max_connections_per_destination).filter(|n| *n > 0),
+            // Set by the app from the admission control's descriptor budget.
+            ..Default::default()
         },
         listener: listener::ListenerConfig {
             detect_timeout: args.protocol_detect_timeout,
@@ -185,8 +245,26 @@ fn main() -> anyhow::Result<()> {
             max_concurrent_streams: args.max_concurrent_streams.max(1),
             idle_timeout: args.idle_timeout,
             header_read_timeout: args.idle_timeout,
+            partial_head_timeout: Some(Duration::from(args.header_read_timeout))
+                .filter(|d| !d.is_zero()),
+            hbone: args.hbone.timeouts(),
+            upgrades: Allowlist::new(&args.upgrade_protocols),
             ..Default::default()
         },
+        admission: args.admission.limits(),
+        overload: OverloadConfig {
+            max_hbone_streams,
+            max_hbone_streams_per_identity: args
+                .max_hbone_streams_per_identity
+                .unwrap_or(max_hbone_streams / overload::PER_IDENTITY_SHARE)
+                .max(1),
+            max_requests,
+            max_requests_per_identity: args
+                .max_requests_per_identity
+                .unwrap_or(max_requests / overload::PER_IDENTITY_SHARE)
+                .max(1),
+        },
+        max_metric_series: args.max_metric_series.max(1),
     };
     // On one core (a CPU limit of 1, or an affinity of one CPU) the current-thread scheduler
     // serves better than a one-worker multi-thread one: it runs woken tasks in turn, so an
@@ -204,5 +282,8 @@ fn main() -> anyhow::Result<()> {
         .thread_name("waypoint")
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(app::run_with(settings, plaintext))
+    #[cfg(feature = "bench-plaintext")]
+    return runtime.block_on(app::run_with(settings, plaintext));
+    #[cfg(not(feature = "bench-plaintext"))]
+    runtime.block_on(app::run(settings))
 }

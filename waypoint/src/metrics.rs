@@ -12,6 +12,16 @@
 //!   L4 (not HTTP);
 //! - `istio_build{component="waypoint"}`.
 //!
+//! Labels come from the config and the identity mutual TLS proved, never from what a
+//! client sends (see [`Source`]). The request and TCP families each hold at most
+//! `max_series` label sets (`waypoint run --max-metric-series`, default
+//! [`DEFAULT_MAX_SERIES`]); a record that would add one more is counted in the family's
+//! *folded* series instead, whose source and destination labels are all `unknown`, and in
+//! `ambit_waypoint_metric_series_folded_total{family}`. Totals stay right; only the
+//! breakdown of the overflow is lost. A request series costs about 30 KB of `/metrics`
+//! text (its counter and three histograms carry 22 labels each), so the cap bounds the
+//! scrape as well as the memory.
+//!
 //! Under `ambit_`: `ambit_waypoint_retries_total{destination, reason, result}` (admitted or
 //! refused by the retry budget), `ambit_waypoint_authz_denied_total{policy}` (requests and
 //! L4 connections refused by authorization policy), `ambit_config_reloads_total{result}`,
@@ -20,12 +30,14 @@
 //! identity}` for the waypoint's certificate, the issuer and every root.
 
 use std::fmt;
+use std::hash::Hash;
 use std::sync::Arc;
 
 use ambit_shared::certs::{CaFile, CertEvents, Certificates, RenewReason};
 use ambit_shared::config::index::{Snapshot, canonical};
 use ambit_shared::config::watch::ReloadOutcome;
 use ambit_shared::identity::Identity;
+use parking_lot::Mutex;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -44,6 +56,9 @@ const DURATION_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
     60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
+/// Default cap on label sets per family (see the module docs).
+pub const DEFAULT_MAX_SERIES: usize = 2_000;
+
 /// Istio's size buckets, in bytes.
 const SIZE_BUCKETS: [f64; 9] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
 
@@ -98,11 +113,15 @@ pub struct TcpLabels {
 }
 
 /// The client side of a tunnel, worked out once per tunnel.
+///
+/// Every value comes from the config, picked by the identity mutual TLS proved: a client
+/// can never put a string of its own into a label (the tunnel's `baggage` is ignored), so
+/// the number of series is bounded by the config, not by what clients send.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Source {
-    /// Workload name, from the config (by address) or the tunnel's baggage.
+    /// Workload name, from the config.
     pub workload: Option<String>,
-    /// Its namespace.
+    /// Its namespace (the identity's when the workload is not known).
     pub namespace: Option<String>,
     /// Canonical service and revision.
     pub canonical: Option<(String, String)>,
@@ -111,63 +130,33 @@ pub struct Source {
 }
 
 impl Source {
-    /// Works out the client from the tunnel: the workload owning the client address when
-    /// its identity is the one TLS proved, else the tunnel's `baggage`
-    /// (`k8s.namespace.name`, `k8s.pod.name` or `k8s.deployment.name`), else the identity's
-    /// namespace.
+    /// Works out the client of a tunnel: the workload at `forwarded` (the address the
+    /// source ztunnel says the client has; it pools tunnels per identity, so the TLS peer
+    /// may be a sibling pod), else the one at `peer` (the TLS peer's address), each only if
+    /// its identity is `principal`. Else only the identity's namespace is known. The
+    /// `forwarded` claim can therefore only choose among workloads of the proven identity.
     pub fn new(
         snap: &Snapshot,
-        client: Option<std::net::IpAddr>,
         principal: &Identity,
-        baggage: Option<&str>,
+        peer: std::net::IpAddr,
+        forwarded: Option<std::net::IpAddr>,
     ) -> Self {
         let mut src = Source {
             principal: Some(principal.clone()),
+            namespace: Some(principal.namespace().to_string()),
             ..Source::default()
         };
-        let by_addr = client
-            .and_then(|ip| snap.workload_by_ip(ip))
-            .filter(|w| snap.config.identity_of(w).ok().as_ref() == Some(principal));
-        if let Some(w) = by_addr {
+        let proven = forwarded.into_iter().chain([peer]).find_map(|ip| {
+            snap.workload_by_ip(ip)
+                .filter(|w| snap.config.identity_of(w).ok().as_ref() == Some(principal))
+        });
+        if let Some(w) = proven {
             src.workload = Some(w.name.clone());
             src.namespace = Some(w.namespace.clone());
             src.canonical = Some(canonical(w));
-            return src;
-        }
-        let bag = parse_baggage(baggage.unwrap_or_default());
-        let get = |k: &str| {
-            bag.iter()
-                .find(|(key, _)| *key == k)
-                .map(|(_, v)| v.to_string())
-        };
-        src.workload = get("k8s.pod.name")
-            .or_else(|| get("k8s.deployment.name"))
-            .or_else(|| get("service.name"));
-        src.namespace = get("k8s.namespace.name")
-            .filter(|ns| ns == principal.namespace())
-            .or_else(|| Some(principal.namespace().to_string()));
-        if let Some(w) = &src.workload {
-            let service = get("app.name")
-                .or_else(|| get("service.name"))
-                .unwrap_or(w.clone());
-            let revision = get("service.version").unwrap_or_else(|| "latest".into());
-            src.canonical = Some((service, revision));
         }
         src
     }
-}
-
-/// `key=value` pairs of a W3C baggage header (properties after `;` are ignored).
-pub fn parse_baggage(value: &str) -> Vec<(&str, &str)> {
-    value
-        .split(',')
-        .filter_map(|member| {
-            let kv = member.split(';').next()?;
-            let (k, v) = kv.split_once('=')?;
-            let (k, v) = (k.trim(), v.trim());
-            (!k.is_empty()).then_some((k, v))
-        })
-        .collect()
 }
 
 /// Builds [`PeerLabels`] for a request or connection.
@@ -181,6 +170,38 @@ pub struct Peers<'a> {
     pub endpoint: Option<std::net::IpAddr>,
     /// The identity the endpoint proved (or was required to).
     pub endpoint_identity: Option<&'a Identity>,
+}
+
+// === impl PeerLabels ===
+
+impl PeerLabels {
+    /// The labels of the folded series: every source and destination label `unknown`.
+    fn folded() -> Self {
+        let unknown = || UNKNOWN.to_string();
+        PeerLabels {
+            reporter: "waypoint",
+            source_workload: unknown(),
+            source_canonical_service: unknown(),
+            source_canonical_revision: unknown(),
+            source_workload_namespace: unknown(),
+            source_principal: unknown(),
+            source_app: unknown(),
+            source_version: unknown(),
+            source_cluster: UNKNOWN,
+            destination_service: unknown(),
+            destination_service_namespace: unknown(),
+            destination_service_name: unknown(),
+            destination_workload: unknown(),
+            destination_canonical_service: unknown(),
+            destination_canonical_revision: unknown(),
+            destination_workload_namespace: unknown(),
+            destination_principal: unknown(),
+            destination_app: unknown(),
+            destination_version: unknown(),
+            destination_cluster: UNKNOWN,
+            connection_security_policy: "mutual_tls",
+        }
+    }
 }
 
 impl Peers<'_> {
@@ -299,6 +320,11 @@ struct AuthzLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabels {
+    family: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ExpiryLabels {
     kind: &'static str,
     identity: String,
@@ -320,6 +346,11 @@ pub struct Metrics {
     renewals: Family<RenewalLabels, Counter>,
     ca_reloads: Family<CaReloadLabels, Counter>,
     authz_denied: Family<AuthzLabels, Counter>,
+    max_series: usize,
+    /// Own (not folded) series of the request families, and of the TCP families.
+    request_series: Mutex<usize>,
+    tcp_series: Mutex<usize>,
+    folded: Family<FamilyLabels, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -331,8 +362,14 @@ fn size_histogram() -> Histogram {
 }
 
 impl Metrics {
-    /// Creates the metrics and registers them in `registry` under `istio_` and `ambit_`.
+    /// Creates the metrics and registers them in `registry` under `istio_` and `ambit_`,
+    /// with the default series cap.
     pub fn new(registry: &mut Registry) -> Arc<Self> {
+        Metrics::with_max_series(registry, DEFAULT_MAX_SERIES)
+    }
+
+    /// [`Metrics::new`] with at most `max_series` (at least 1) label sets per family.
+    pub fn with_max_series(registry: &mut Registry, max_series: usize) -> Arc<Self> {
         let m = Metrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
@@ -347,7 +384,14 @@ impl Metrics {
             renewals: Family::default(),
             ca_reloads: Family::default(),
             authz_denied: Family::default(),
+            max_series: max_series.max(1),
+            request_series: Mutex::new(0),
+            tcp_series: Mutex::new(0),
+            folded: Family::default(),
         };
+        for family in ["requests", "tcp"] {
+            let _ = m.folded.get_or_create(&FamilyLabels { family });
+        }
         let istio = registry.sub_registry_with_prefix("istio");
         istio.register("requests", "Total number of requests", m.requests.clone());
         istio.register(
@@ -415,7 +459,41 @@ impl Metrics {
             "Requests and L4 connections refused by authorization policy, by the policy that decided (the applicable ALLOW policies, comma-joined, when none matched)",
             m.authz_denied.clone(),
         );
+        ambit.register(
+            "waypoint_metric_series_folded",
+            "Records counted in a family's folded series (source and destination labels unknown) because the family reached its series cap, by family (requests, tcp)",
+            m.folded.clone(),
+        );
         Arc::new(m)
+    }
+
+    /// Whether `labels` have (or now get) a series of their own in `family`, whose own
+    /// series `count` counts; false once the cap is reached. The lock is taken only when
+    /// a label set is new, and makes the count exact.
+    fn own_series<S: Clone + Hash + Eq>(
+        &self,
+        family: &Family<S, Counter>,
+        labels: &S,
+        count: &Mutex<usize>,
+    ) -> bool {
+        if family.get(labels).is_some() {
+            return true;
+        }
+        let mut n = count.lock();
+        if family.get(labels).is_some() {
+            return true;
+        }
+        if *n >= self.max_series {
+            return false;
+        }
+        *n += 1;
+        let _ = family.get_or_create(labels);
+        true
+    }
+
+    /// Counts a record of `family` that went to the folded series.
+    fn fold(&self, family: &'static str) {
+        self.folded.get_or_create(&FamilyLabels { family }).inc();
     }
 
     /// Counts a request or connection refused by authorization `policy`.
@@ -436,13 +514,21 @@ impl Metrics {
 
     /// Records a finished request.
     pub fn request(&self, o: RequestOutcome) {
-        let labels = RequestLabels {
+        let mut labels = RequestLabels {
             peers: o.peers,
             request_protocol: o.protocol,
             response_code: o.status.to_string(),
-            grpc_response_status: o.grpc_status.unwrap_or_default(),
+            // The endpoint writes `grpc-status`; only a number is a gRPC status.
+            grpc_response_status: o
+                .grpc_status
+                .filter(|s| (1..=2).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()))
+                .unwrap_or_default(),
             response_flags: o.flags,
         };
+        if !self.own_series(&self.requests, &labels, &self.request_series) {
+            self.fold("requests");
+            labels.peers = PeerLabels::folded();
+        }
         self.requests.get_or_create(&labels).inc();
         self.duration.get_or_create(&labels).observe(o.duration_ms);
         self.request_bytes
@@ -453,23 +539,36 @@ impl Metrics {
             .observe(o.response_bytes as f64);
     }
 
-    /// Counts an L4 connection as opened.
-    pub fn tcp_opened(&self, peers: PeerLabels) {
+    /// The TCP families' labels for `peers`: its own, or the folded ones over the cap
+    /// (counted once per connection, when it opens). `tcp_connections_opened` holds every
+    /// peer set the other TCP families use, so it decides for all of them.
+    fn tcp_labels(&self, peers: PeerLabels, opening: bool) -> TcpLabels {
         let labels = TcpLabels {
             peers,
             request_protocol: "tcp",
             response_flags: "-".into(),
         };
+        if self.own_series(&self.tcp_opened, &labels, &self.tcp_series) {
+            return labels;
+        }
+        if opening {
+            self.fold("tcp");
+        }
+        TcpLabels {
+            peers: PeerLabels::folded(),
+            ..labels
+        }
+    }
+
+    /// Counts an L4 connection as opened.
+    pub fn tcp_opened(&self, peers: PeerLabels) {
+        let labels = self.tcp_labels(peers, true);
         self.tcp_opened.get_or_create(&labels).inc();
     }
 
     /// Counts an L4 connection as closed, with its bytes each way.
     pub fn tcp_closed(&self, peers: PeerLabels, flags: &str, received: u64, sent: u64) {
-        let opened = TcpLabels {
-            peers,
-            request_protocol: "tcp",
-            response_flags: "-".into(),
-        };
+        let opened = self.tcp_labels(peers, false);
         self.tcp_received.get_or_create(&opened).inc_by(received);
         self.tcp_sent.get_or_create(&opened).inc_by(sent);
         let closed = TcpLabels {
@@ -573,26 +672,89 @@ services:
     }
 
     #[test]
-    fn sources_come_from_the_address_or_the_baggage() {
+    fn sources_come_from_the_config_for_the_proven_identity() {
         let snap = snapshot();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
         let client = id("spiffe://cluster.local/ns/shop/sa/client");
-        let s = Source::new(&snap, Some("10.1.1.9".parse().expect("ip")), &client, None);
+        let s = Source::new(&snap, &client, ip("10.1.1.9"), None);
         assert_eq!(s.workload.as_deref(), Some("client-1"));
         assert_eq!(s.canonical, Some(("client".into(), "latest".into())));
-        // An address whose owner has another identity is not trusted.
+        // `forwarded` may name the workload when its identity is the proven one...
+        let s = Source::new(&snap, &client, ip("10.9.9.9"), Some(ip("10.1.1.9")));
+        assert_eq!(s.workload.as_deref(), Some("client-1"));
+        // ...but never a workload of another identity: then only the namespace is known.
         let other = id("spiffe://cluster.local/ns/shop/sa/other");
-        let s = Source::new(
-            &snap,
-            Some("10.1.1.9".parse().expect("ip")),
-            &other,
-            Some("k8s.namespace.name=shop,k8s.pod.name=other-7;prop=1"),
+        for forwarded in [None, Some(ip("10.1.1.9")), Some(ip("10.1.1.2"))] {
+            let s = Source::new(&snap, &other, ip("10.1.1.9"), forwarded);
+            assert_eq!(s.workload, None);
+            assert_eq!(s.canonical, None);
+            assert_eq!(s.namespace.as_deref(), Some("shop"));
+        }
+    }
+
+    #[test]
+    fn series_are_capped_and_the_rest_folded() {
+        let snap = snapshot();
+        let mut registry = Registry::default();
+        let m = Metrics::with_max_series(&mut registry, 2);
+        let target = Target::Service {
+            namespace: "shop".into(),
+            name: "web".into(),
+            port: 80,
+            target_port: 8080,
+            port_name: None,
+        };
+        let client = id("spiffe://cluster.local/ns/shop/sa/client");
+        let source = Source::new(&snap, &client, "10.1.1.9".parse().expect("ip"), None);
+        let peers = Peers {
+            source: &source,
+            target: &target,
+            endpoint: None,
+            endpoint_identity: None,
+        }
+        .labels(&snap);
+        for status in [200, 201, 202, 203, 200, 204] {
+            m.request(RequestOutcome {
+                peers: peers.clone(),
+                protocol: "http",
+                status,
+                grpc_status: Some("not a number".into()),
+                flags: "-".into(),
+                duration_ms: 1.0,
+                request_bytes: 0,
+                response_bytes: 0,
+            });
+        }
+        for _ in 0..3 {
+            m.tcp_opened(peers.clone());
+            m.tcp_closed(peers.clone(), "-", 1, 1);
+        }
+        let text = encode(&registry).expect("encodes");
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .collect();
+        // 200 and 201 got their own series (200 twice); 202, 203 and 204 were folded,
+        // and the folded series keeps its response code.
+        assert_eq!(series.len(), 5, "{series:#?}");
+        let total: f64 = series
+            .iter()
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(total, 6.0, "no request is lost");
+        assert!(
+            series
+                .iter()
+                .filter(|l| l.contains(r#"source_workload="unknown""#))
+                .count()
+                == 3
         );
-        assert_eq!(s.workload.as_deref(), Some("other-7"));
-        assert_eq!(s.namespace.as_deref(), Some("shop"));
-        // Baggage cannot claim another namespace than the identity's.
-        let s = Source::new(&snap, None, &other, Some("k8s.namespace.name=kube-system"));
-        assert_eq!(s.namespace.as_deref(), Some("shop"));
-        assert_eq!(s.workload, None);
+        assert!(
+            !text.contains("not a number"),
+            "grpc status must be numeric"
+        );
+        assert!(text.contains(r#"ambit_waypoint_metric_series_folded_total{family="requests"} 3"#));
+        assert!(text.contains(r#"ambit_waypoint_metric_series_folded_total{family="tcp"} 0"#));
     }
 
     #[test]
@@ -601,7 +763,7 @@ services:
         let mut registry = Registry::default();
         let m = Metrics::new(&mut registry);
         let client = id("spiffe://cluster.local/ns/shop/sa/client");
-        let source = Source::new(&snap, Some("10.1.1.9".parse().expect("ip")), &client, None);
+        let source = Source::new(&snap, &client, "10.1.1.9".parse().expect("ip"), None);
         let target = Target::Service {
             namespace: "shop".into(),
             name: "web".into(),
@@ -653,13 +815,5 @@ services:
         assert!(text.contains("istio_response_bytes_sum{"));
         assert!(text.contains(r#"ambit_waypoint_retries_total{destination="shop/web",reason="connect_failure",result="admitted"} 1"#));
         assert!(text.contains(r#"istio_build{component="waypoint""#));
-    }
-
-    #[test]
-    fn baggage_parses_leniently() {
-        assert_eq!(
-            parse_baggage(" a=1 , b = 2;p=q,,=x,c"),
-            vec![("a", "1"), ("b", "2")]
-        );
     }
 }

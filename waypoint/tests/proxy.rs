@@ -158,6 +158,8 @@ trustDomain: cluster.local
 namespaces:
   - name: shop
     labels: {{ ambit.dev/use-waypoint: waypoint }}
+workloads:
+  - {{ name: client-1, namespace: shop, serviceAccount: client, ips: [10.0.0.99], node: a }}
 services:
   - name: web
     namespace: shop
@@ -213,6 +215,10 @@ routes:
 }
 
 async fn harness() -> Harness {
+    harness_with(Default::default()).await
+}
+
+async fn harness_with(listener: ambit_waypoint::listener::ListenerConfig) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = dir.path().join("ca");
     ambit_shared::ca::init(&ca, "cluster.local", false).expect("CA");
@@ -249,7 +255,10 @@ async fn harness() -> Harness {
         drain_grace: Duration::from_secs(2),
         pool: Default::default(),
         upstream: Default::default(),
-        listener: Default::default(),
+        listener,
+        admission: Default::default(),
+        overload: Default::default(),
+        max_metric_series: ambit_waypoint::metrics::DEFAULT_MAX_SERIES,
     })
     .await
     .expect("waypoint starts");
@@ -294,7 +303,8 @@ impl Harness {
         let req = hbone::connect_request(
             dst,
             "10.0.0.99:40000".parse().expect("addr"),
-            Some("k8s.namespace.name=shop,k8s.pod.name=client-1"),
+            // Claims another pod: metric labels must not take it (see the metrics check).
+            Some("k8s.namespace.name=shop,k8s.pod.name=evil-0,service.name=evil"),
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         );
         let (resp, send) = h2.send_request(req, false).expect("sends");
@@ -540,6 +550,9 @@ async fn proxies_http1_h2c_grpc_and_tcp_with_retries_and_metrics() {
         (2 * N + 1) as u64,
         "web requests; metrics:\n{text}"
     );
+    // The source workload came from the config (`forwarded` names client-1's address and
+    // the proven identity is client-1's); the tunnel's baggage claim was ignored.
+    assert!(!text.contains("evil"), "baggage reached a label:\n{text}");
     assert_eq!(
         requests_total(
             &text,
@@ -658,5 +671,55 @@ async fn a_drain_lets_requests_in_flight_finish_and_refuses_new_tunnels() {
     assert!(
         TcpStream::connect(waypoint).await.is_err(),
         "the listener is closed after the drain"
+    );
+}
+
+/// A request head must be complete within the partial-head timeout of its first byte, but
+/// a keep-alive connection may idle between requests for longer than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_heads_time_out_but_idle_keep_alive_connections_stay() {
+    let h = harness_with(ambit_waypoint::listener::ListenerConfig {
+        partial_head_timeout: Some(Duration::from_secs(1)),
+        ..Default::default()
+    })
+    .await;
+    // A head that never ends: closed.
+    let (_, stream) = h.tunnel("10.96.0.10:80").await;
+    let mut stream = stream.expect("tunnel");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: web.shop\r\nx-slow: ")
+        .await
+        .expect("write");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "a partial head was held past the timeout");
+
+    // A keep-alive connection idle for three timeouts between two requests: both served.
+    let (_, stream) = h.tunnel("10.96.0.10:80").await;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream.expect("tunnel")))
+            .await
+            .expect("HTTP/1");
+    tokio::spawn(conn);
+    for round in 0..2 {
+        if round == 1 {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        let req = Request::get("/")
+            .header("host", "web.shop")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let resp = send
+            .send_request(req)
+            .await
+            .expect("response on the kept connection");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let _ = resp.into_body().collect().await.expect("body");
+    }
+    let metrics = h.metrics().await;
+    assert!(
+        metrics
+            .contains(r#"ambit_admission_timeouts_total{listener="hbone",phase="header_read"} 1"#),
+        "{metrics}"
     );
 }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use ambit_shared::admin::{self, Body, respond, text};
+use ambit_shared::admission::Admission;
 use ambit_shared::certs::Certificates;
 use ambit_shared::config::Config;
 use ambit_shared::tls::CertInfo;
@@ -101,7 +102,7 @@ enum Endpoint {
 }
 
 /// Serves the endpoints on a thread with its own runtime, for the life of the process.
-pub fn spawn(state: State, listeners: Listeners) -> anyhow::Result<()> {
+pub fn spawn(state: State, listeners: Listeners, admission: Admission) -> anyhow::Result<()> {
     let state = Arc::new(state);
     let route = Arc::new(move |e: Endpoint, req: &Request<Incoming>| {
         let uri = req.uri();
@@ -115,9 +116,21 @@ pub fn spawn(state: State, listeners: Listeners) -> anyhow::Result<()> {
     });
     admin::spawn_thread(move || async move {
         tokio::join!(
-            admin::serve(listeners.metrics, Endpoint::Metrics, route.clone()),
-            admin::serve(listeners.readiness, Endpoint::Readiness, route.clone()),
-            admin::serve(listeners.admin, Endpoint::Admin, route),
+            admin::serve(
+                listeners.metrics,
+                &admission,
+                "metrics",
+                Endpoint::Metrics,
+                route.clone()
+            ),
+            admin::serve(
+                listeners.readiness,
+                &admission,
+                "readiness",
+                Endpoint::Readiness,
+                route.clone()
+            ),
+            admin::serve(listeners.admin, &admission, "admin", Endpoint::Admin, route),
         );
     })?;
     Ok(())

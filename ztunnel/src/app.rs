@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_ebpf::{Capture, CaptureConfig};
+use ambit_shared::admission::{self, Admission};
 use ambit_shared::ca::CaPaths;
 use ambit_shared::certs::{self, Certificates};
 use ambit_shared::config::index::{self, Snapshot};
 use ambit_shared::config::source::{self, Source};
-use ambit_shared::hbone::{Pool, PoolConfig};
+use ambit_shared::hbone::{Pool, PoolConfig, server};
 use ambit_shared::logging::FilterHandle;
 use ambit_shared::signer::client::SignerConfig;
 use anyhow::Context;
@@ -23,7 +24,7 @@ use crate::admin::{self, Readiness};
 use crate::dns::{DnsProxy, DnsSettings};
 use crate::enroll::Enroller;
 use crate::metrics::{self, CaptureMetrics, CertMetrics, ConfigReloads, Traffic};
-use crate::proxy::ProxyContext;
+use crate::proxy::{Gates, ProxyContext};
 
 /// How often pods whose namespace was not found yet are looked for again.
 const PENDING_RETRY: Duration = Duration::from_secs(1);
@@ -61,12 +62,26 @@ pub struct Settings {
     pub admin_addr: SocketAddr,
     /// Unix socket of the CNI hook (`ztunnel cni`); `None`: no hook.
     pub cni_socket: Option<PathBuf>,
+    /// Admission control for every listener.
+    pub admission: admission::Limits,
+    /// Connections one source address may hold on each kind of per-pod listener; `None`:
+    /// an eighth of the descriptors accepted connections may use.
+    pub max_connections_per_source: Option<usize>,
+    /// Time bounds of inbound HBONE connections.
+    pub hbone: server::Timeouts,
 }
 
 /// Runs the node tunnel until SIGTERM or SIGINT. `log` changes the log filter at run time
 /// (admin `/logging`).
 pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
+    // Memory a flood of connections took comes back once they are gone.
+    ambit_shared::memory::spawn_trim(ambit_shared::memory::DEFAULT_TRIM_PERIOD);
     let mut registry = Registry::default();
+    // Read after main raised the open-files limit: the reserve is a share of it.
+    let admission = Admission::new(settings.admission, &mut registry)?;
+    let per_source = settings
+        .max_connections_per_source
+        .unwrap_or(usize::try_from(admission.fds().accept_below() / 8).unwrap_or(usize::MAX));
     let istio = registry.sub_registry_with_prefix("istio");
     let traffic = Traffic::new(istio);
     metrics::register_build(istio);
@@ -111,6 +126,9 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
         bundle,
         trust_domain,
         metrics: traffic.clone(),
+        gates: Gates::new(&admission, Some(per_source)),
+        admission: admission.clone(),
+        hbone_timeouts: settings.hbone,
     });
     let ready = Readiness::default();
     admin::spawn(
@@ -124,6 +142,7 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
             log,
         },
         listeners,
+        admission,
     )?;
     tokio::spawn(certs::watch_ca(
         ca_paths,

@@ -387,6 +387,28 @@ impl Enroller {
         if addrs.v4().is_empty() && addrs.v6().is_empty() {
             anyhow::bail!("the pod has no address in its network namespace yet");
         }
+        // An address another running pod is served on: the kernel programs would move it
+        // (and that pod's capture with it) to this one. Two live pods cannot both have it, so
+        // one of them is not what the config says; this one waits, held closed.
+        let ours: Vec<IpAddr> = addrs
+            .all()
+            .into_iter()
+            .filter(|a| !capture::addrs::is_link_local(*a))
+            .collect();
+        if let Some((other, ip)) = self.running.values().find_map(|r| {
+            let ip = ours.iter().find(|a| r.pod.has_addr(**a))?;
+            (r.pod.netns.inode() != netns.inode()).then(|| (r.pod.workload(), *ip))
+        }) {
+            anyhow::bail!("address {ip} is already served for running pod {other}");
+        }
+        // A family the pod has no routable address in is refused, not left uncaptured.
+        if addrs.primary_v4().is_none() {
+            info!(pod = %workload, "the pod has no IPv4 address: its IPv4 connections are refused");
+        }
+        if addrs.ipv6_on() && addrs.primary_v6().is_none() {
+            info!(pod = %workload, link_local = ?addrs.v6(),
+                "the pod has no routable IPv6 address: its IPv6 connections are refused (link-local always is)");
+        }
         let listeners = capture::open_listeners(&netns, &addrs)?;
         let dns = capture::dns::open_listeners(&netns, &addrs)?;
         let sources = Sources {
@@ -421,7 +443,11 @@ impl Enroller {
             netns,
             cert,
         });
-        let mut tasks = vec![tokio::spawn(self.dns.clone().serve(dns, pod.clone()))];
+        let mut tasks = vec![tokio::spawn(self.dns.clone().serve(
+            dns,
+            pod.clone(),
+            self.ctx.gates.dns.clone(),
+        ))];
         for family in [listeners.v4, listeners.v6].into_iter().flatten() {
             tasks.extend(self.serve(family, &pod)?);
         }
@@ -442,23 +468,20 @@ impl Enroller {
         let (c1, c2, c3) = (self.ctx.clone(), self.ctx.clone(), self.ctx.clone());
         Ok(vec![
             tokio::spawn(proxy::accept_loop(
-                l.outbound,
-                "outbound",
-                pod.clone(),
+                self.ctx.gates.outbound.listener(l.outbound),
                 move |s, peer| proxy::outbound::handle(s, peer, p1.clone(), c1.clone()),
             )),
             tokio::spawn(proxy::accept_loop(
-                l.hbone,
-                "hbone",
-                pod.clone(),
+                self.ctx.gates.hbone.listener(l.hbone),
                 move |s, peer| {
                     proxy::inbound::handle(s, peer, acceptor.clone(), p2.clone(), c2.clone())
                 },
             )),
             tokio::spawn(proxy::accept_loop(
-                l.inbound_plaintext,
-                "inbound_plaintext",
-                pod.clone(),
+                self.ctx
+                    .gates
+                    .inbound_plaintext
+                    .listener(l.inbound_plaintext),
                 move |s, peer| proxy::inbound_plaintext::handle(s, peer, p3.clone(), c3.clone()),
             )),
         ])

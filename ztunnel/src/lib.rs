@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ambit_shared::admission::flags::{AdmissionArgs, HboneServerArgs};
 use ambit_shared::ca::{self, CaPaths, LocalCa, Validity};
 use ambit_shared::config::source::{Source, SourceKind};
 use ambit_shared::hbone::PoolConfig;
@@ -116,6 +117,11 @@ struct SignerArgs {
     /// IP address in the serving certificate; repeatable.
     #[arg(long = "serving-ip", default_value = "127.0.0.1")]
     serving_ips: Vec<std::net::IpAddr>,
+    #[command(flatten)]
+    admission: AdmissionArgs,
+    /// Connections one source address may hold open.
+    #[arg(long, default_value_t = signer::MAX_CONNECTIONS_PER_SOURCE)]
+    max_connections_per_source: usize,
 }
 
 /// Where certificates come from when not from the local CA.
@@ -208,6 +214,14 @@ struct RunArgs {
     /// Serve the CNI hook on this Unix socket (mode 0600), e.g. /var/run/ambit/cni.sock.
     #[arg(long)]
     cni_socket: Option<PathBuf>,
+    #[command(flatten)]
+    admission: AdmissionArgs,
+    /// Connections one source address may hold open on each kind of pod listener (15001,
+    /// 15006, 15008, summed over the node's pods). Default: an eighth of --accept-fds.
+    #[arg(long)]
+    max_connections_per_source: Option<usize>,
+    #[command(flatten)]
+    hbone: HboneServerArgs,
 }
 
 /// Lifetimes of a new root and issuer.
@@ -442,6 +456,7 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Signer(args) => {
             let args = *args;
+            ambit_shared::rlimit::raise_fd_limit();
             let mut node_tunnels = std::collections::BTreeSet::new();
             for nt in &args.node_tunnels {
                 let (ns, sa) = nt
@@ -462,6 +477,8 @@ pub fn main() -> anyhow::Result<()> {
                 max_ttl: args.max_ttl,
                 serving_names: args.serving_names,
                 serving_ips: args.serving_ips,
+                admission: args.admission.limits(),
+                max_connections_per_source: args.max_connections_per_source.max(1),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -516,6 +533,9 @@ pub fn main() -> anyhow::Result<()> {
                 readiness_addr: args.readiness_addr,
                 admin_addr: args.admin_addr,
                 cni_socket: args.cni_socket,
+                admission: args.admission.limits(),
+                max_connections_per_source: args.max_connections_per_source,
+                hbone: args.hbone.timeouts(),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

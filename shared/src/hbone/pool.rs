@@ -334,6 +334,7 @@ mod tests {
         let (client, server_io) = tokio::io::duplex(64 * 1024);
         tokio::spawn(server::serve_with_shutdown(
             server_io,
+            server::Timeouts::default(),
             |incoming| async move {
                 if let Ok(mut s) = incoming.accept() {
                     let _ = tokio::io::AsyncReadExt::read(&mut s, &mut [0u8; 1]).await;

@@ -10,6 +10,22 @@
 //!   above the root), so `/v1/../admin` is `/admin`;
 //! - runs of `/` are merged, so `//admin` is `/admin`.
 //!
+//! What is deliberately *not* done:
+//! - **Case is kept.** Rules match paths case-sensitively, as Istio's do: a DENY on `/admin`
+//!   does not match `/ADMIN`. A backend that treats paths case-insensitively needs a rule
+//!   for each spelling (or an ALLOW list, which fails closed).
+//! - **Decoding happens once.** `%2561` decodes to `%61`, which stays as it is: it is not
+//!   decoded again to `a`, so `/%2561dmin` is not `/admin` (Envoy and Istio agree). The
+//!   backend receives `/%2561dmin`; one that decodes twice is outside what a proxy can
+//!   protect, and rules should not rely on it.
+//!
+//! Path parameters (`;` in a segment, RFC 3986 section 3.3) are how Tomcat and Spring read
+//! `/admin;x` as `/admin` and `/x/..;/admin` as `/admin`. [`has_parameters`] finds them:
+//! the waypoint refuses such requests unless a traffic policy allows them. Where they are
+//! allowed, [`Form::Match`] removes each segment's parameters (`;` to the end of the
+//! segment, also when spelled `%3B`) before dot segments are resolved, which is how those
+//! servers map them, so a rule on `/admin` matches `/admin;x` and `/x/..;/admin`.
+//!
 //! Encoded slashes (`%2F`) and backslashes (`%5C`, `\`) are where the two forms differ:
 //! - [`Form::Match`], the form rules are checked against, treats them as `/`: a backend
 //!   that decodes them must not reach `/admin/x` through `/admin%2Fx` past a rule on
@@ -18,13 +34,15 @@
 //!   applications that put encoded slashes in identifiers keep working. Dot segments and
 //!   repeated slashes are resolved in it too, so a backend that routes on the raw path
 //!   (a prefix router on `/admin/`) never sees `/admin/..` after `/` was authorized.
+//!   Path parameters are forwarded as sent.
 
 use std::borrow::Cow;
 
 /// Which normalized form to produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Form {
-    /// For matching rules: encoded slashes and backslashes are path separators.
+    /// For matching rules: encoded slashes and backslashes are path separators, and path
+    /// parameters are removed from each segment.
     Match,
     /// For forwarding: encoded slashes and backslashes stay as they were sent.
     Forward,
@@ -64,6 +82,12 @@ fn normalize_form(raw: &str, form: Form) -> Cow<'_, str> {
     let mut trailing_slash = false;
     while let Some(seg) = parts.next() {
         let last = parts.peek().is_none();
+        // Tomcat and Spring drop a segment's parameters before resolving dot segments,
+        // so `..;x` is `..` to them, and must be to the rules.
+        let seg = match form {
+            Form::Match => seg.split(';').next().unwrap_or_default(),
+            Form::Forward => seg,
+        };
         match seg {
             "" | "." => trailing_slash = last,
             ".." => {
@@ -90,7 +114,7 @@ fn normalize_form(raw: &str, form: Form) -> Cow<'_, str> {
 /// True if `path` is already in `form`: the fast path, which allocates nothing.
 fn is_normal(path: &str, form: Form) -> bool {
     let b = path.as_bytes();
-    if b.contains(&b'%') || (form == Form::Match && b.contains(&b'\\')) {
+    if b.contains(&b'%') || (form == Form::Match && (b.contains(&b'\\') || b.contains(&b';'))) {
         return false;
     }
     // Every segment after a `/` must be non-empty (except a final one) and not a dot
@@ -105,12 +129,12 @@ fn is_normal(path: &str, form: Form) -> bool {
     true
 }
 
-/// Decodes percent-escapes of unreserved characters (and, for [`Form::Match`], of `/` and
-/// `\`); upper-cases the hex digits of the escapes left. A `%` not followed by two hex
-/// digits is encoded as `%25`: kept bare, it could join the characters after it into an
-/// escape that the next decoder (the backend) decodes, though it was never matched
-/// decoded (`/%%361dmin` became `/%61dmin`, which a backend reads as `/admin`; found by
-/// the `path` fuzz target).
+/// Decodes percent-escapes of unreserved characters (and, for [`Form::Match`], of `/`, `\`
+/// and `;`); upper-cases the hex digits of the escapes left. One pass only: the `%61` that
+/// `%2561` decodes to stays. A `%` not followed by two hex digits is encoded as `%25`: kept
+/// bare, it could join the characters after it into an escape that the next decoder (the
+/// backend) decodes, though it was never matched decoded (`/%%361dmin` became `/%61dmin`,
+/// which a backend reads as `/admin`; found by the `path` fuzz target).
 fn decode(path: &str, form: Form) -> String {
     let b = path.as_bytes();
     let mut out = String::with_capacity(path.len());
@@ -130,7 +154,7 @@ fn decode(path: &str, form: Form) -> String {
             .and_then(|h| u8::from_str_radix(h, 16).ok());
         match hex {
             Some(v) if is_unreserved(v) => out.push(char::from(v)),
-            Some(v @ (b'/' | b'\\')) if form == Form::Match => out.push(char::from(v)),
+            Some(v @ (b'/' | b'\\' | b';')) if form == Form::Match => out.push(char::from(v)),
             Some(v) => {
                 const HEX: &[u8; 16] = b"0123456789ABCDEF";
                 out.push('%');
@@ -146,6 +170,17 @@ fn decode(path: &str, form: Form) -> String {
         i += 3;
     }
     out
+}
+
+/// True if the path (query excluded) carries path parameters: a `;`, or its escape `%3B`,
+/// which servers that decode before splitting parameters read as one.
+pub fn has_parameters(raw: &str) -> bool {
+    let path = raw.split(['?', '#']).next().unwrap_or_default();
+    path.contains(';')
+        || path
+            .as_bytes()
+            .windows(3)
+            .any(|w| w[0] == b'%' && w[1] == b'3' && w[2].eq_ignore_ascii_case(&b'b'))
 }
 
 fn is_unreserved(b: u8) -> bool {

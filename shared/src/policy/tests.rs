@@ -390,6 +390,23 @@ fn path_normalization() {
         ("/a%", "/a%25", "/a%25"),
         ("/é/../x", "/x", "/x"),
         ("*", "*", "*"),
+        // Case is kept: rules are case-sensitive, as Istio's are.
+        ("/ADMIN", "/ADMIN", "/ADMIN"),
+        // One decoding pass: `%2561` is `%61`, never `a`.
+        ("/%2561dmin", "/%2561dmin", "/%2561dmin"),
+        // Path parameters: removed per segment for matching (as Tomcat and Spring map
+        // them), forwarded as sent. The waypoint refuses them unless a policy allows them.
+        ("/admin;x", "/admin", "/admin;x"),
+        ("/admin;/x", "/admin/x", "/admin;/x"),
+        ("/x/..;/admin", "/admin", "/x/..;/admin"),
+        ("/x/.;y/admin", "/x/admin", "/x/.;y/admin"),
+        ("/admin%3bx", "/admin", "/admin%3Bx"),
+        (
+            "/v1;jsessionid=1/items",
+            "/v1/items",
+            "/v1;jsessionid=1/items",
+        ),
+        ("/;x/admin", "/admin", "/;x/admin"),
     ];
     for (raw, matching, forward) in cases {
         assert_eq!(
@@ -408,6 +425,17 @@ fn path_normalization() {
         normalize("/v1/items/", Form::Match),
         std::borrow::Cow::Borrowed(_)
     ));
+}
+
+#[test]
+fn path_parameters_are_found_in_any_spelling() {
+    use super::path::has_parameters;
+    for p in ["/admin;x", "/x/..;/admin", "/a%3Bb", "/a%3bb", ";"] {
+        assert!(has_parameters(p), "{p}");
+    }
+    for p in ["/admin", "/a?x=1;y=2", "/a%3", "/a%33b", "/a#;"] {
+        assert!(!has_parameters(p), "{p}");
+    }
 }
 
 #[test]

@@ -36,6 +36,7 @@ use tracing::{debug, info};
 use super::{Downstream, upgrade};
 use crate::filters::{self, Decision, Filter};
 use crate::metrics::{Peers, RequestOutcome};
+use crate::overload::{Permit, Resource};
 use crate::route::{BackendRef, Route, RouteRequest, Target};
 use crate::upstream::body::{BodyMeter, BoxError, ReplayBody, boxed};
 use crate::upstream::retry::Failure;
@@ -75,11 +76,15 @@ where
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .max_headers(cfg.max_headers);
     let activity = Arc::new(ConnActivity::default());
-    let svc = service(
-        down.clone(),
-        Version::HTTP_11,
-        drain.clone(),
-        Some(activity.clone()),
+    let (io, heads) = super::head_timeout::wrap(io, cfg.partial_head_timeout);
+    let svc = super::head_timeout::Tracked::new(
+        service(
+            down.clone(),
+            Version::HTTP_11,
+            drain.clone(),
+            Some(activity.clone()),
+        ),
+        heads.clone(),
     );
     let conn = builder
         .serve_connection(TokioIo::new(io), svc)
@@ -101,6 +106,11 @@ where
             }
         },
     };
+    if heads.fired() {
+        down.ctx
+            .admission
+            .count_timeout(super::LISTENER, "header_read");
+    }
     if let Err(e) = result {
         debug!(error = %e, "HTTP/1 connection ended with an error");
     }
@@ -230,8 +240,6 @@ async fn proxy(
 ) -> Response<ResponseBody> {
     let start = Instant::now();
     let (mut head, body) = req.into_parts();
-    let upgrade = upgrade::requested(&head)
-        .and_then(|kind| Some((kind, head.extensions.remove::<hyper::upgrade::OnUpgrade>()?)));
     let grpc = is_grpc(&head.headers);
     let trace = head
         .headers
@@ -255,6 +263,33 @@ async fn proxy(
         start,
         body.meter(),
     );
+    // Shed before any other work: under overload, refusing must stay cheap.
+    let overload = &down.ctx.overload;
+    let admitted = match &down.admission {
+        Some(tunnel) => overload.admit_same_client(Resource::Requests, tunnel),
+        None => overload.admit(Resource::Requests, down.source.principal.as_ref()),
+    };
+    match admitted {
+        Ok(permit) => record.admission = Some(permit),
+        Err(shed) => {
+            let mut resp = record.local(StatusCode::SERVICE_UNAVAILABLE, "OM", &shed.to_string());
+            resp.headers_mut()
+                .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+            return resp;
+        }
+    }
+    // From here on the head is what authorization checks and what the backend gets: one
+    // host, a path whose parameters are refused or allowed, and no upgrade off the list.
+    let params = crate::head::path_parameters(&snap, &down.target);
+    match crate::head::canonicalize(&mut head, params) {
+        Ok(host) => record.authority = host,
+        Err(e) => return record.local(e.status(), "DPE", &e.to_string()),
+    }
+    let upgrade = match upgrade::requested(&mut head, &down.ctx.cfg.upgrades) {
+        Ok(kind) => kind
+            .and_then(|kind| Some((kind, head.extensions.remove::<hyper::upgrade::OnUpgrade>()?))),
+        Err(e) => return record.local(e.status(), "-", &e.to_string()),
+    };
     let client = crate::authz::Client {
         identity: down.source.principal.as_ref(),
         ip: down.peer.ip(),
@@ -443,6 +478,16 @@ async fn send(
             record.endpoint = Some(reply.endpoint.clone());
             record.attempts = reply.attempts;
             let (mut parts, inner) = reply.response.into_parts();
+            if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                // Only an allowlisted upgrade may switch protocols, and it goes through
+                // [`open_upgrade`]: passing this 101 on would hand the client a connection
+                // whose further requests nothing checks.
+                return record.local(
+                    StatusCode::BAD_GATEWAY,
+                    "UPE",
+                    "the endpoint switched protocols, but no allowed upgrade was asked for",
+                );
+            }
             strip_hop_by_hop(&mut parts.headers);
             filters::apply_response([&response_filters[..]], &mut parts.headers);
             record.status = parts.status.as_u16();
@@ -480,7 +525,16 @@ async fn open_upgrade(
     drain: &DrainWatcher,
     mut record: Record,
 ) -> Response<ResponseBody> {
-    let opened = upgrade::open(down, kind, on_upgrade, head, endpoints, drain.clone());
+    let admission = record.admission.take();
+    let opened = upgrade::open(
+        down,
+        kind,
+        on_upgrade,
+        head,
+        endpoints,
+        drain.clone(),
+        admission,
+    );
     let result = match timeout {
         Some(t) => match tokio::time::timeout(t, opened).await {
             Ok(r) => r,
@@ -634,6 +688,9 @@ struct Record {
     complete: bool,
     /// The authorization policy that refused the request.
     authz_policy: Option<String>,
+    /// The request's place under the overload caps: held exactly as long as the record
+    /// (until the response body ends), or handed to an upgraded stream's task.
+    admission: Option<Permit>,
 }
 
 impl Record {
@@ -679,6 +736,7 @@ impl Record {
             response_bytes: 0,
             complete: false,
             authz_policy: None,
+            admission: None,
         }
     }
 
@@ -789,7 +847,8 @@ impl Drop for Record {
             duration_ms = duration.as_millis() as u64,
             bytes_received = request_bytes,
             bytes_sent = self.response_bytes,
-            src.addr = %down.client,
+            src.addr = %down.peer,
+            src.forwarded_for = %down.forwarded.map(|f| f.to_string()).unwrap_or_default(),
             src.identity = %src_identity,
             src.workload = %down.source.workload.as_deref().unwrap_or(""),
             trace_id = %self.trace.trace_id(),

@@ -9,12 +9,28 @@
 //! - Inside the tunnel, [`detect`] tells HTTP/1, HTTP/2 (h2c, gRPC) and other TCP apart;
 //!   [`http`] proxies HTTP requests, [`tcp`] forwards the rest at L4.
 //!
-//! Bounds: TLS handshakes time out; HBONE caps streams per connection; HTTP/1 heads and
-//! HTTP/2 header lists are capped; HTTP/2 caps concurrent streams and resets; request
-//! bodies are buffered only up to the retry cap.
+//! Bounds: connections go through [`ambit_shared::admission`] (descriptor reserve,
+//! handshakes in flight per process and per source, handshake timeout); HBONE connections
+//! need their preface in time, answer keepalive PINGs and close when idle without a stream;
+//! HBONE caps streams per connection; HTTP/1 heads must arrive within
+//! [`ListenerConfig::partial_head_timeout`] of their first byte; HTTP/1 heads and HTTP/2
+//! header lists are capped; HTTP/2 caps concurrent streams and resets; request bodies are
+//! buffered only up to the retry cap; [`crate::overload`] caps HBONE streams and requests
+//! in flight, globally and per client identity.
+//!
+//! A CONNECT to the waypoint's own address (the address it was reached on, or any replica
+//! of this waypoint in the config) is refused with 400: it would loop through the
+//! waypoint again, doubling every cost a client can impose.
+//!
+//! Access logs name the client by what is proven: `src.addr` is the TLS peer's address and
+//! `src.identity` its certificate's identity. The `forwarded` header of the CONNECT is what
+//! the source ztunnel *claims* the client's address is; it is logged as
+//! `src.forwarded_for`, and authorization never uses it.
 
 pub mod detect;
+pub mod head_timeout;
 pub mod http;
+#[cfg(feature = "bench-plaintext")]
 pub mod plaintext;
 pub mod tcp;
 pub mod upgrade;
@@ -23,34 +39,39 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::IpAddr;
+
 use ::http::StatusCode;
+use ambit_shared::admission::{Admission, HandshakeError, Listener};
 use ambit_shared::config::Protocol;
 use ambit_shared::config::index::Snapshot;
 use ambit_shared::drain::DrainWatcher;
-use ambit_shared::hbone::request::{BAGGAGE, RequestError, forwarded_client, parse_connect};
+use ambit_shared::hbone::request::{RequestError, forwarded_client, parse_connect};
 use ambit_shared::hbone::server::{self, Incoming};
 use ambit_shared::identity::Identity;
 use ambit_shared::ports;
 use ambit_shared::tls;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use self::detect::Detected;
+use self::upgrade::Allowlist;
 use crate::metrics::{Metrics, Source};
+use crate::overload::{Overload, Permit, Resource};
 use crate::route::{DeclaredProtocol, RouteTable, Target};
 use crate::upstream::{Endpoint, Upstream};
 
-/// Pause after a failed accept (e.g. out of file descriptors) so the loop cannot spin.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// The HBONE listener's name in metrics and logs.
+pub const LISTENER: &str = "hbone";
+/// Default bound on receiving an HTTP/1 request head once its first byte has arrived.
+pub const DEFAULT_PARTIAL_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Listener tuning.
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
-    /// Bound on the TLS handshake. Default 10 s.
-    pub handshake_timeout: Duration,
     /// How long to wait for a client's first bytes before treating the tunnel as TCP.
     /// Default 1 s.
     pub detect_timeout: Duration,
@@ -64,6 +85,13 @@ pub struct ListenerConfig {
     /// under its owner (who would then race our close with its next request); peers are
     /// authenticated mesh workloads, and each idle connection costs only its buffers.
     pub header_read_timeout: Option<Duration>,
+    /// An HTTP/1 request head must be complete within this of its first byte; the
+    /// connection is closed otherwise. Unlike hyper's header-read timeout it never counts
+    /// the idle time between requests, so keep-alive connections are not cut by it.
+    /// Default [`DEFAULT_PARTIAL_HEAD_TIMEOUT`]; `None`: never.
+    pub partial_head_timeout: Option<Duration>,
+    /// Time bounds of HBONE connections (preface, keepalive, idle without streams).
+    pub hbone: server::Timeouts,
     /// Concurrent HTTP/2 streams per client connection. Default 1000.
     pub max_concurrent_streams: u32,
     /// An upgraded stream (WebSocket, extended CONNECT) that moves no bytes either way for
@@ -75,19 +103,23 @@ pub struct ListenerConfig {
     /// enough that a client sending steadily is told by a response rather than racing a
     /// close.
     pub drain_idle_close: Duration,
+    /// Upgrade protocols spliced; see [`upgrade`]. Default: `websocket`.
+    pub upgrades: Allowlist,
 }
 
 impl Default for ListenerConfig {
     fn default() -> Self {
         ListenerConfig {
-            handshake_timeout: Duration::from_secs(10),
             detect_timeout: Duration::from_secs(1),
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             header_read_timeout: None,
+            partial_head_timeout: Some(DEFAULT_PARTIAL_HEAD_TIMEOUT),
+            hbone: server::Timeouts::default(),
             max_concurrent_streams: 1000,
             idle_timeout: None,
             drain_idle_close: Duration::from_secs(1),
+            upgrades: Allowlist::default(),
         }
     }
 }
@@ -116,8 +148,12 @@ pub struct Context {
     pub upstream: Upstream,
     /// Telemetry.
     pub metrics: Arc<Metrics>,
+    /// Caps on streams and requests in flight.
+    pub overload: Arc<Overload>,
     /// Tuning.
     pub cfg: ListenerConfig,
+    /// Admission control shared by the waypoint's listeners.
+    pub admission: Admission,
 }
 
 /// One accepted tunnel: who sent it and what it dialled.
@@ -129,12 +165,16 @@ pub struct Downstream {
     pub target: Target,
     /// The client, as metrics see it.
     pub source: Source,
-    /// The client's address (from `forwarded`, else the TLS peer's).
-    pub client: SocketAddr,
-    /// The TLS peer's address, which authorization trusts (unlike `forwarded`).
+    /// The TLS peer's address: what authorization uses and access logs show (`src.addr`).
     pub peer: SocketAddr,
+    /// The client address the CONNECT's `forwarded` header claims; unverified, logged as
+    /// `src.forwarded_for` only.
+    pub forwarded: Option<SocketAddr>,
     /// The CONNECT authority.
     pub dialled: SocketAddr,
+    /// This tunnel's place under the HBONE stream caps, given back when the tunnel and
+    /// its requests are done.
+    pub admission: Option<Permit>,
 }
 
 /// Why a CONNECT is refused; every case is the client's mistake (400).
@@ -163,6 +203,12 @@ pub enum ResolveError {
         /// The port dialled.
         port: u16,
     },
+    /// The waypoint itself: the address it was reached on, or a replica of it.
+    #[error("{addr} is this waypoint's own address")]
+    OwnAddress {
+        /// The authority.
+        addr: SocketAddr,
+    },
     /// Neither a service VIP nor a workload of our namespace.
     #[error("{addr} is neither a service VIP nor a workload in namespace {namespace}")]
     UnknownDestination {
@@ -183,14 +229,19 @@ impl ResolveError {
     }
 }
 
-/// What the CONNECT authority `dst` names, for this waypoint.
+/// What the CONNECT authority `dst` names, for this waypoint, which was reached on
+/// `local` (the accepted connection's local address).
 pub fn resolve(
     snap: &Snapshot,
     waypoint: &Waypoint,
     dst: SocketAddr,
+    local: Option<IpAddr>,
 ) -> Result<Target, ResolveError> {
     if ports::is_reserved(dst.port()) {
         return Err(RequestError::ReservedPort(dst.port()).into());
+    }
+    if is_own_address(snap, waypoint, dst.ip(), local) {
+        return Err(ResolveError::OwnAddress { addr: dst });
     }
     if let Some((svc, _)) = snap.service_by_vip(dst.ip()) {
         let key = format!("{}/{}", svc.namespace, svc.name);
@@ -231,6 +282,27 @@ pub fn resolve(
     }
 }
 
+/// Whether `ip` is this waypoint: where it was reached, or a workload that is one of its
+/// replicas (labelled with its name, or running as its identity). Other addresses need a
+/// workload or service in the config to be served at all.
+fn is_own_address(snap: &Snapshot, waypoint: &Waypoint, ip: IpAddr, local: Option<IpAddr>) -> bool {
+    if Some(ip) == local {
+        return true;
+    }
+    let Some(w) = snap.workload_by_ip(ip) else {
+        return false;
+    };
+    let replica = snap
+        .config
+        .waypoint(&waypoint.namespace, &waypoint.name)
+        .is_some_and(|wp| {
+            snap.config
+                .waypoint_workloads(wp)
+                .any(|r| std::ptr::eq(r, w))
+        });
+    replica || snap.config.identity_of(w).ok().as_ref() == Some(&waypoint.identity)
+}
+
 /// The endpoints of a target: a service's on its target port, or the workload itself.
 pub fn endpoints(snap: &Snapshot, target: &Target) -> Vec<Endpoint> {
     match target {
@@ -260,9 +332,10 @@ pub fn endpoint(snap: &Snapshot, addr: SocketAddr) -> Endpoint {
     Endpoint { addr, identity }
 }
 
-/// Accepts HBONE connections until a drain starts; one task per connection.
+/// Accepts HBONE connections until a drain starts; one task per connection. Admission
+/// control decides what is accepted; an accept error never ends the loop.
 pub async fn serve(
-    listener: TcpListener,
+    mut listener: Listener,
     acceptor: TlsAcceptor,
     ctx: Arc<Context>,
     drain: DrainWatcher,
@@ -271,30 +344,29 @@ pub async fn serve(
         info!(%addr, waypoint = %ctx.waypoint.name, "serving HBONE");
     }
     loop {
-        let accepted = tokio::select! {
+        let conn = tokio::select! {
             a = listener.accept() => a,
             () = drain.signaled() => {
                 info!("draining: no longer accepting HBONE connections");
                 return;
             }
         };
-        match accepted {
-            Ok((tcp, peer)) => {
-                // A dual-stack listener shows IPv4 peers as v4-mapped IPv6; policy and logs
-                // must see them as the IPv4 addresses they are.
-                let peer = ambit_shared::listen::canonical(peer);
-                let _ = tcp.set_nodelay(true);
-                let span = info_span!("hbone", %peer);
-                tokio::spawn(
-                    connection(tcp, peer, acceptor.clone(), ctx.clone(), drain.clone())
-                        .instrument(span),
-                );
+        let span = info_span!("hbone", peer = %conn.peer);
+        let task = connection(
+            conn.stream,
+            conn.peer,
+            acceptor.clone(),
+            ctx.clone(),
+            drain.clone(),
+        );
+        let permit = conn.permit;
+        tokio::spawn(
+            async move {
+                task.await;
+                drop(permit);
             }
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-            }
-        }
+            .instrument(span),
+        );
     }
 }
 
@@ -316,14 +388,28 @@ async fn connection(
     ctx: Arc<Context>,
     drain: DrainWatcher,
 ) {
-    let tls = match tokio::time::timeout(ctx.cfg.handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            warn!(error = %tls::describe_handshake_error(&e), "HBONE TLS handshake failed; connection refused");
+    // The address the client reached us on: a CONNECT to it would loop back here. (As
+    // IPv4 when a dual-stack listener shows it v4-mapped, like the peer.)
+    let local = tcp
+        .local_addr()
+        .ok()
+        .map(|a| ambit_shared::listen::canonical(a).ip());
+    let tls = match ctx
+        .admission
+        .tls_handshake(LISTENER, &acceptor, tcp, peer.ip())
+        .await
+    {
+        Ok(tls) => tls,
+        // Counted in the admission metrics; logging each would let a flood of idle
+        // connections flood the log too.
+        Err(
+            e @ (HandshakeError::Shed(_) | HandshakeError::Timeout(_) | HandshakeError::Closed),
+        ) => {
+            debug!(error = %e, "HBONE connection closed before its handshake");
             return;
         }
-        Err(_) => {
-            warn!("HBONE TLS handshake timed out; connection refused");
+        Err(e) => {
+            warn!(error = %e, "HBONE TLS handshake failed; connection refused");
             return;
         }
     };
@@ -341,10 +427,12 @@ async fn connection(
     };
     let result = server::serve_with_shutdown(
         tls,
+        ctx.cfg.hbone,
         |incoming| {
             tunnel(
                 incoming,
                 peer,
+                local,
                 peer_identity.clone(),
                 ctx.clone(),
                 drain.clone(),
@@ -354,22 +442,42 @@ async fn connection(
         shutdown,
     )
     .await;
-    if let Err(e) = result {
-        debug!(error = %e, "HBONE connection ended with an error");
+    match result {
+        Ok(closed) => debug!(?closed, "HBONE connection closed"),
+        Err(e) => {
+            if let Some(phase) = e.timeout_phase() {
+                ctx.admission.count_timeout(LISTENER, phase);
+            }
+            debug!(error = %e, "HBONE connection ended with an error");
+        }
     }
 }
 
 async fn tunnel(
     incoming: Incoming,
     peer: SocketAddr,
+    local: Option<IpAddr>,
     peer_identity: Identity,
     ctx: Arc<Context>,
     drain: DrainWatcher,
 ) {
+    // Shed first: a refused tunnel should cost as little as possible.
+    let admission = match ctx
+        .overload
+        .admit(Resource::HboneStreams, Some(&peer_identity))
+    {
+        Ok(p) => p,
+        Err(shed) => {
+            warn!(status = 503, error = %shed, src.identity = %peer_identity,
+                "HBONE request refused: overloaded");
+            incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
     let snap = ctx.snapshot.borrow().clone();
     let resolved = parse_connect(&incoming.request)
         .map_err(ResolveError::from)
-        .and_then(|dst| resolve(&snap, &ctx.waypoint, dst).map(|t| (dst, t)));
+        .and_then(|dst| resolve(&snap, &ctx.waypoint, dst, local).map(|t| (dst, t)));
     let (dialled, target) = match resolved {
         Ok(r) => r,
         Err(e) => {
@@ -380,13 +488,9 @@ async fn tunnel(
             return;
         }
     };
-    let client = forwarded_client(&incoming.request).unwrap_or(peer);
-    let baggage = incoming
-        .request
-        .headers()
-        .get(BAGGAGE)
-        .and_then(|v| v.to_str().ok());
-    let source = Source::new(&snap, Some(client.ip()), &peer_identity, baggage);
+    // The tunnel's `baggage` is not read: metric labels come from the config only.
+    let forwarded = forwarded_client(&incoming.request);
+    let source = Source::new(&snap, &peer_identity, peer.ip(), forwarded.map(|f| f.ip()));
     let stream = match incoming.accept() {
         Ok(s) => s,
         Err(e) => {
@@ -398,9 +502,10 @@ async fn tunnel(
         ctx: ctx.clone(),
         target,
         source,
-        client,
         peer,
+        forwarded,
         dialled,
+        admission: Some(admission),
     });
     serve_stream(stream, down, drain).await;
 }

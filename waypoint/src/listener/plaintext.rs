@@ -11,12 +11,14 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use ambit_shared::admission::Listener;
 use ambit_shared::drain::DrainWatcher;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, info, info_span, warn};
 
 use super::{Context, Downstream, resolve, serve_stream};
 use crate::metrics::Source;
+use crate::overload::Resource;
 
 /// Where the plaintext listener listens and what its connections dial.
 #[derive(Debug, Clone, Copy)]
@@ -53,7 +55,7 @@ pub async fn bind(cfg: PlaintextListen) -> std::io::Result<TcpListener> {
 
 /// Accepts plaintext connections until a drain starts; one task per connection.
 pub async fn serve(
-    listener: TcpListener,
+    mut listener: Listener,
     target: SocketAddr,
     ctx: Arc<Context>,
     drain: DrainWatcher,
@@ -69,19 +71,22 @@ pub async fn serve(
                 return;
             }
         };
-        match accepted {
-            Ok((tcp, peer)) => {
-                let _ = tcp.set_nodelay(true);
-                let span = info_span!("plaintext", %peer);
-                tokio::spawn(
-                    connection(tcp, peer, target, ctx.clone(), drain.clone()).instrument(span),
-                );
+        let span = info_span!("plaintext", peer = %accepted.peer);
+        let task = connection(
+            accepted.stream,
+            accepted.peer,
+            target,
+            ctx.clone(),
+            drain.clone(),
+        );
+        let permit = accepted.permit;
+        tokio::spawn(
+            async move {
+                task.await;
+                drop(permit);
             }
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(super::ACCEPT_ERROR_PAUSE).await;
-            }
-        }
+            .instrument(span),
+        );
     }
 }
 
@@ -100,21 +105,33 @@ async fn connection(
         warn!(%peer, "plaintext client is not a known workload; connection refused");
         return;
     };
-    let target = match resolve(&snap, &ctx.waypoint, dialled) {
+    let admission = match ctx.overload.admit(Resource::HboneStreams, Some(&principal)) {
+        Ok(p) => p,
+        Err(shed) => {
+            warn!(%peer, error = %shed, "plaintext connection refused: overloaded");
+            return;
+        }
+    };
+    let local = tcp
+        .local_addr()
+        .ok()
+        .map(|a| ambit_shared::listen::canonical(a).ip());
+    let target = match resolve(&snap, &ctx.waypoint, dialled, local) {
         Ok(t) => t,
         Err(e) => {
             warn!(error = %e, "plaintext target is not served here; connection refused");
             return;
         }
     };
-    let source = Source::new(&snap, Some(peer.ip()), &principal, None);
+    let source = Source::new(&snap, &principal, peer.ip(), None);
     let down = Arc::new(Downstream {
         ctx: ctx.clone(),
         target,
         source,
-        client: peer,
         peer,
+        forwarded: None,
         dialled,
+        admission: Some(admission),
     });
     serve_stream(tcp, down, drain).await;
 }

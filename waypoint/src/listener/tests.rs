@@ -14,6 +14,10 @@ workloads:
   - { name: web-2, namespace: shop, serviceAccount: web, ips: [10.1.1.3], node: a, labels: { app: web } }
   - { name: legacy, namespace: shop, ips: [10.1.1.4], node: a, labels: { app: web, ambit.dev/dataplane-mode: none } }
   - { name: db, namespace: other, ips: [10.1.2.2], node: b, labels: { app: db } }
+  - { name: wp-1, namespace: shop, serviceAccount: shop-waypoint, ips: [10.1.1.8], node: a, labels: { gateway.networking.k8s.io/gateway-name: shop-waypoint, ambit.dev/dataplane-mode: none } }
+  - { name: wp-2, namespace: shop, serviceAccount: shop-waypoint, ips: [10.1.1.9], node: b, labels: { gateway.networking.k8s.io/gateway-name: shop-waypoint, ambit.dev/dataplane-mode: none } }
+waypoints:
+  - { name: shop-waypoint, namespace: shop }
 services:
   - name: web
     namespace: shop
@@ -56,7 +60,7 @@ fn addr(s: &str) -> SocketAddr {
 fn resolves_served_services_and_local_workloads() {
     let snap = snapshot();
     let wp = waypoint();
-    let t = resolve(&snap, &wp, addr("10.96.0.10:80")).expect("served service");
+    let t = resolve(&snap, &wp, addr("10.96.0.10:80"), None).expect("served service");
     assert_eq!(
         t,
         Target::Service {
@@ -77,7 +81,7 @@ fn resolves_served_services_and_local_workloads() {
     // An endpoint outside the mesh is reached in plaintext.
     assert_eq!(eps[2].identity, None);
 
-    let w = resolve(&snap, &wp, addr("10.1.1.3:9090")).expect("local workload");
+    let w = resolve(&snap, &wp, addr("10.1.1.3:9090"), None).expect("local workload");
     assert_eq!(
         w,
         Target::Workload {
@@ -103,8 +107,28 @@ fn refuses_what_this_waypoint_does_not_serve() {
         ("10.1.1.2:15008", "belongs to the proxy itself"),
     ];
     for (dst, reason) in cases {
-        let err = resolve(&snap, &wp, addr(dst)).expect_err(dst);
+        let err = resolve(&snap, &wp, addr(dst), None).expect_err(dst);
         assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{dst}");
         assert!(err.to_string().contains(reason), "{dst}: {err}");
     }
+}
+
+#[test]
+fn refuses_a_connect_to_the_waypoint_itself() {
+    let snap = snapshot();
+    let wp = waypoint();
+    let local = Some("10.1.1.8".parse().expect("ip"));
+    for dst in ["10.1.1.8:8080", "10.1.1.9:8080"] {
+        let err = resolve(&snap, &wp, addr(dst), local).expect_err(dst);
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{dst}");
+    }
+    // Where it was reached counts even when the config does not list it.
+    let err = resolve(
+        &snap,
+        &wp,
+        addr("10.1.1.3:80"),
+        Some("10.1.1.3".parse().expect("ip")),
+    )
+    .expect_err("own address");
+    assert!(matches!(err, ResolveError::OwnAddress { .. }), "{err}");
 }

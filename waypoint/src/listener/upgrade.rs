@@ -1,5 +1,21 @@
-//! Protocol upgrades through the waypoint: HTTP/1.1 `Upgrade` (WebSocket and any other
-//! protocol) and HTTP/2 extended CONNECT (RFC 8441, `:protocol`).
+//! Protocol upgrades through the waypoint: HTTP/1.1 `Upgrade` and HTTP/2 extended CONNECT
+//! (RFC 8441, `:protocol`), for the protocols on an allowlist only.
+//!
+//! **The allowlist** ([`Allowlist`], `waypoint run --upgrade-protocols`, default
+//! `websocket`) is what keeps authorization meaningful: once a connection switches
+//! protocols, the waypoint splices bytes and sees no further requests, so an upgrade to a
+//! protocol that carries requests of its own would carry them past every rule.
+//! [`requested`] decides per request, before authorization:
+//! - an allowlisted protocol (compared without regard to case, ignoring a `/version`) is
+//!   an upgrade, and only that protocol is offered to the endpoint;
+//! - `h2c` is removed, as Envoy does: `Upgrade: h2c`, `HTTP2-Settings` and their
+//!   `Connection` tokens are stripped and the request is served as plain HTTP/1.1, so a
+//!   client that offered h2c gets an HTTP/1.1 answer and carries on in HTTP/1.1;
+//! - any other protocol is refused with 403, as Envoy refuses upgrades it is not
+//!   configured for. An extended CONNECT for a protocol not on the list is refused too.
+//!
+//! An endpoint's 101 must name the protocol asked for; any other switch is a 502. A 101 to
+//! a request that asked for no upgrade is a 502 as well ([`super::http`]).
 //!
 //! The upgrade request is routed like any other (routes, filters, backend pick), then sent
 //! to one endpoint over a dedicated HTTP/1.1 connection (an HBONE stream of its own, never a
@@ -16,7 +32,7 @@
 //!
 //! The route's `timeouts.request` bounds the handshake only; an upgraded stream lives until
 //! either side closes it, or until [`crate::listener::ListenerConfig::idle_timeout`] when
-//! one is configured.
+//! one is configured. It counts as a request against the overload caps while it lives.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,6 +51,7 @@ use tracing::debug;
 
 use super::Downstream;
 use super::http::ResponseBody;
+use crate::overload::Permit;
 use crate::upstream::{Endpoint, SendError, strip_hop_by_hop};
 
 /// WebSocket close code "going away" (RFC 6455 §7.4.1), sent on drain.
@@ -76,27 +93,148 @@ impl Kind {
     }
 }
 
-/// The upgrade `head` asks for, if any.
-pub fn requested(head: &http::request::Parts) -> Option<Kind> {
+/// The upgrade protocols the waypoint splices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowlist(Vec<String>);
+
+/// The default allowlist.
+pub const DEFAULT_PROTOCOLS: &[&str] = &["websocket"];
+
+/// The HTTP/2 cleartext upgrade token (RFC 7540 §3.2), which is stripped, never spliced.
+const H2C: &str = "h2c";
+/// The header that goes with an h2c upgrade.
+const HTTP2_SETTINGS: &str = "http2-settings";
+
+// === impl Allowlist ===
+
+impl Allowlist {
+    /// Protocol names (`websocket`); case and any `/version` are ignored. `h2c` is never
+    /// allowed, whatever the list says.
+    pub fn new<S: AsRef<str>>(protocols: impl IntoIterator<Item = S>) -> Self {
+        Allowlist(
+            protocols
+                .into_iter()
+                .map(|p| protocol_name(p.as_ref()).to_ascii_lowercase())
+                .filter(|p| !p.is_empty() && p != H2C)
+                .collect(),
+        )
+    }
+
+    /// Whether `protocol` (`websocket`, `websocket/13`) may be spliced.
+    pub fn allows(&self, protocol: &str) -> bool {
+        let name = protocol_name(protocol);
+        self.0.iter().any(|p| p.eq_ignore_ascii_case(name))
+    }
+}
+
+impl Default for Allowlist {
+    fn default() -> Self {
+        Allowlist::new(DEFAULT_PROTOCOLS)
+    }
+}
+
+/// `name` of an upgrade token `name[/version]`.
+fn protocol_name(token: &str) -> &str {
+    let token = token.trim();
+    token.split('/').next().unwrap_or(token).trim()
+}
+
+/// An upgrade the allowlist refuses (403, as Envoy answers).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("upgrade to {protocol:?} is not allowed")]
+pub struct NotAllowed {
+    /// What the client asked for.
+    pub protocol: String,
+}
+
+impl NotAllowed {
+    /// The status the client gets.
+    pub fn status(&self) -> StatusCode {
+        StatusCode::FORBIDDEN
+    }
+}
+
+/// The upgrade `head` asks for, if any, as the allowlist lets it through; see the module
+/// docs. Rewrites `head`: an h2c offer is stripped, and of several protocols offered only
+/// the first allowed one is kept, so the endpoint cannot switch to another.
+pub fn requested(
+    head: &mut http::request::Parts,
+    allow: &Allowlist,
+) -> Result<Option<Kind>, NotAllowed> {
     if head.version == Version::HTTP_2 {
         if head.method != Method::CONNECT {
-            return None;
+            return Ok(None);
         }
-        let p = head.extensions.get::<hyper::ext::Protocol>()?;
-        return Some(Kind::ExtendedConnect {
-            protocol: p.as_str().to_string(),
-        });
+        let Some(p) = head.extensions.get::<hyper::ext::Protocol>() else {
+            return Ok(None);
+        };
+        let protocol = p.as_str().to_string();
+        return if allow.allows(&protocol) {
+            Ok(Some(Kind::ExtendedConnect { protocol }))
+        } else {
+            Err(NotAllowed { protocol })
+        };
     }
-    let connection_upgrade = head.headers.get_all(CONNECTION).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-        })
-    });
-    let protocol = head.headers.get(UPGRADE)?.to_str().ok()?.trim();
-    (connection_upgrade && !protocol.is_empty()).then(|| Kind::Http1 {
-        protocol: protocol.to_string(),
+    let offered: Vec<String> = head
+        .headers
+        .get_all(UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect();
+    let connection_upgrade =
+        connection_tokens(&head.headers).any(|t| t.eq_ignore_ascii_case("upgrade"));
+    if offered.is_empty() || !connection_upgrade {
+        // Not an upgrade; the upstream request drops `Upgrade` as a hop-by-hop header.
+        return Ok(None);
+    }
+    let without_h2c: Vec<&String> = offered
+        .iter()
+        .filter(|t| !protocol_name(t).eq_ignore_ascii_case(H2C))
+        .collect();
+    if let Some(first) = without_h2c.iter().find(|t| allow.allows(t)) {
+        let protocol = (*first).clone();
+        if let Ok(v) = HeaderValue::from_str(&protocol) {
+            head.headers.insert(UPGRADE, v);
+        }
+        return Ok(Some(Kind::Http1 { protocol }));
+    }
+    if without_h2c.is_empty() {
+        strip_h2c(&mut head.headers);
+        return Ok(None);
+    }
+    Err(NotAllowed {
+        protocol: offered.join(", "),
     })
+}
+
+/// The comma-separated tokens of every `Connection` header.
+fn connection_tokens(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes an h2c offer: `Upgrade`, `HTTP2-Settings`, and their `Connection` tokens.
+fn strip_h2c(headers: &mut http::HeaderMap) {
+    let kept: Vec<String> = connection_tokens(headers)
+        .filter(|t| !t.eq_ignore_ascii_case("upgrade") && !t.eq_ignore_ascii_case(HTTP2_SETTINGS))
+        .map(str::to_string)
+        .collect();
+    headers.remove(UPGRADE);
+    headers.remove(HTTP2_SETTINGS);
+    headers.remove(CONNECTION);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join(", "))
+    {
+        headers.insert(CONNECTION, v);
+    }
 }
 
 /// An upgrade answered by an endpoint.
@@ -108,7 +246,8 @@ pub struct Opened {
 }
 
 /// Sends the upgrade request to one of `endpoints` and, when it agrees, splices the two
-/// upgraded connections on a task of their own (held against the drain by `drain`).
+/// upgraded connections on a task of their own (held against the drain by `drain`, and
+/// against the overload caps by `admission`).
 pub async fn open(
     down: &Arc<Downstream>,
     kind: Kind,
@@ -116,6 +255,7 @@ pub async fn open(
     head: &http::request::Parts,
     endpoints: &[Endpoint],
     drain: DrainWatcher,
+    admission: Option<Permit>,
 ) -> Result<Opened, SendError> {
     let (io, endpoint, in_flight) = down.ctx.upstream.open_stream(endpoints).await?;
     let as_send_error = |reason: String| SendError {
@@ -151,6 +291,22 @@ pub async fn open(
             endpoint,
         });
     }
+    if !switched_to(response.headers(), &kind) {
+        // RFC 9110 §7.8: the 101 names the protocol switched to. Anything but the one asked
+        // for (which the allowlist let through) is a protocol nothing here has checked.
+        return Err(SendError {
+            error: Some(crate::upstream::AttemptError::Protocol {
+                addr: endpoint.addr,
+                reason: format!(
+                    "answered 101 with Upgrade {:?}, but {:?} was asked for",
+                    response.headers().get(UPGRADE),
+                    kind.protocol()
+                ),
+            }),
+            endpoint: Some(endpoint.clone()),
+            attempts: 1,
+        });
+    }
     let upstream = hyper::upgrade::on(&mut response);
     let (mut parts, _) = response.into_parts();
     let websocket = kind.is_websocket();
@@ -182,6 +338,7 @@ pub async fn open(
     let idle_timeout = down.ctx.cfg.idle_timeout;
     tokio::spawn(async move {
         let _in_flight = in_flight;
+        let _admission = admission;
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(pair) => pair,
             Err(e) => {
@@ -208,6 +365,15 @@ pub async fn open(
         response: reply,
         endpoint,
     })
+}
+
+/// Whether a 101's `Upgrade` header names the protocol `kind` asked for.
+fn switched_to(headers: &http::HeaderMap, kind: &Kind) -> bool {
+    let asked = protocol_name(kind.protocol());
+    headers
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| protocol_name(v).eq_ignore_ascii_case(asked))
 }
 
 /// The request sent to the endpoint: always HTTP/1.1 with `Connection: upgrade`.
@@ -579,19 +745,99 @@ mod tests {
         assert_eq!(masked[7] ^ masked[3], 0xe9);
     }
 
+    fn upgrade_head(connection: &str, upgrade: &[&str]) -> http::request::Parts {
+        let mut b = Request::builder()
+            .uri("/chat")
+            .header(CONNECTION, connection)
+            .header("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA");
+        for u in upgrade {
+            b = b.header(UPGRADE, *u);
+        }
+        b.body(()).expect("request").into_parts().0
+    }
+
     #[test]
     fn upgrade_requests_are_recognised() {
-        let (mut head, ()) = Request::builder()
-            .uri("/chat")
-            .header(CONNECTION, "keep-alive, Upgrade")
-            .header(UPGRADE, "websocket")
-            .body(())
-            .expect("request")
-            .into_parts();
-        let kind = requested(&head).expect("an upgrade");
+        let allow = Allowlist::default();
+        let mut head = upgrade_head("keep-alive, Upgrade", &["websocket"]);
+        let kind = requested(&mut head, &allow)
+            .expect("allowed")
+            .expect("an upgrade");
         assert!(kind.is_websocket());
         head.headers.remove(CONNECTION);
-        assert_eq!(requested(&head), None);
+        assert_eq!(requested(&mut head, &allow), Ok(None));
+    }
+
+    #[test]
+    fn h2c_is_stripped_and_other_protocols_refused() {
+        let allow = Allowlist::default();
+        let mut head = upgrade_head("Upgrade, HTTP2-Settings, keep-alive", &["h2c"]);
+        assert_eq!(requested(&mut head, &allow), Ok(None));
+        assert!(!head.headers.contains_key(UPGRADE));
+        assert!(!head.headers.contains_key("http2-settings"));
+        assert_eq!(
+            head.headers.get(CONNECTION).map(|v| v.as_bytes()),
+            Some(&b"keep-alive"[..])
+        );
+        // Listing h2c with an allowed protocol: only the allowed one goes on.
+        let mut head = upgrade_head("Upgrade", &["h2c, WebSocket/13"]);
+        let kind = requested(&mut head, &allow).expect("allowed");
+        assert_eq!(
+            kind,
+            Some(Kind::Http1 {
+                protocol: "WebSocket/13".into()
+            })
+        );
+        assert_eq!(
+            head.headers.get(UPGRADE).map(|v| v.as_bytes()),
+            Some(&b"WebSocket/13"[..])
+        );
+        // Not on the list: refused, also when h2c is offered alongside.
+        for offer in [&["TLS/1.0"][..], &["h2c", "foo"][..]] {
+            let mut head = upgrade_head("Upgrade", offer);
+            assert!(requested(&mut head, &allow).is_err(), "{offer:?}");
+        }
+        // The list is configurable; h2c can never be put on it.
+        let custom = Allowlist::new(["websocket", "foo", "H2C"]);
+        let mut head = upgrade_head("Upgrade", &["foo"]);
+        assert!(matches!(requested(&mut head, &custom), Ok(Some(_))));
+        assert!(!custom.allows("h2c"));
+        let mut head = upgrade_head("Upgrade", &["h2c"]);
+        assert_eq!(requested(&mut head, &custom), Ok(None));
+    }
+
+    #[test]
+    fn extended_connect_follows_the_allowlist() {
+        let mut head = Request::builder()
+            .method(Method::CONNECT)
+            .version(Version::HTTP_2)
+            .uri("http://chat/ws")
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        head.extensions
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        assert!(matches!(
+            requested(&mut head, &Allowlist::default()),
+            Ok(Some(Kind::ExtendedConnect { .. }))
+        ));
+        head.extensions
+            .insert(hyper::ext::Protocol::from_static("connect-udp"));
+        assert!(requested(&mut head, &Allowlist::default()).is_err());
+    }
+
+    #[test]
+    fn a_101_must_name_the_protocol_asked_for() {
+        let kind = Kind::Http1 {
+            protocol: "websocket".into(),
+        };
+        let mut h = http::HeaderMap::new();
+        assert!(!switched_to(&h, &kind));
+        h.insert(UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(!switched_to(&h, &kind));
+        h.insert(UPGRADE, HeaderValue::from_static("WebSocket"));
+        assert!(switched_to(&h, &kind));
     }
 
     #[tokio::test]

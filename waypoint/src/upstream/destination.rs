@@ -7,7 +7,10 @@
 //! - `max_connections`: upstream HTTP connections open to the service's endpoints. A
 //!   request that needs a new connection when the limit is reached waits, as a pending
 //!   request, for a connection to close or for a request to end (which leaves an idle
-//!   connection to reuse), until the connect timeout; then `UO`.
+//!   connection to reuse), until the connect timeout; then `UO`. Unlike the other limits
+//!   it has a default, [`DEFAULT_MAX_CONNECTIONS`] (Envoy's circuit-breaker default;
+//!   `waypoint run --max-connections-per-destination`), used when no policy sets one: a
+//!   slow backend must not take a file descriptor per request without bound.
 //! - `max_pending_requests`: requests waiting that way. Over it, `UO` at once.
 //! - `max_retries`: retries in flight. Over it the retry is not attempted and the original
 //!   failure is returned.
@@ -27,6 +30,9 @@ use tokio::sync::Notify;
 
 use super::outlier::{Ejection, Outcome, OutlierConfig, Outliers};
 use crate::resilience::metrics::ResilienceMetrics;
+
+/// Default `max_connections` per destination when no policy sets one (Envoy's default).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 
 /// Destinations tracked before unconfigured, idle ones are forgotten.
 const MAX_DESTINATIONS: usize = 4096;
@@ -153,10 +159,16 @@ pub struct Destination {
 }
 
 impl Destination {
-    fn new(key: Arc<str>, metrics: ResilienceMetrics) -> Self {
+    fn new(
+        key: Arc<str>,
+        metrics: ResilienceMetrics,
+        default_max_connections: Option<u32>,
+    ) -> Self {
+        let connections = Gauge::default();
+        store(&connections.limit, default_max_connections);
         Destination {
             key,
-            connections: Gauge::default(),
+            connections,
             pending: Gauge::default(),
             requests: Gauge::default(),
             retries: Gauge::default(),
@@ -166,8 +178,11 @@ impl Destination {
         }
     }
 
-    fn set_limits(&self, l: &Limits) {
-        store(&self.connections.limit, l.max_connections);
+    fn set_limits(&self, l: &Limits, default_max_connections: Option<u32>) {
+        store(
+            &self.connections.limit,
+            l.max_connections.or(default_max_connections),
+        );
         store(&self.pending.limit, l.max_pending_requests);
         store(&self.requests.limit, l.max_requests);
         store(&self.retries.limit, l.max_retries);
@@ -293,9 +308,20 @@ pub struct Destinations {
     map: Mutex<HashMap<Arc<str>, Arc<Destination>>>,
     /// Resilience telemetry.
     pub metrics: ResilienceMetrics,
+    /// `max_connections` where no policy sets one; `None` (the `Default`) is unlimited.
+    default_max_connections: Option<u32>,
 }
 
 impl Destinations {
+    /// Destinations whose connections are capped at `max_connections` unless a policy
+    /// says otherwise.
+    pub fn with_default_max_connections(max_connections: Option<u32>) -> Self {
+        Destinations {
+            default_max_connections: max_connections,
+            ..Destinations::default()
+        }
+    }
+
     /// The state of `key` (`namespace/name`), created on first use.
     pub fn get(&self, key: &Arc<str>) -> Arc<Destination> {
         let mut map = self.map.lock();
@@ -306,7 +332,11 @@ impl Destinations {
             // Forget destinations nothing refers to and nothing configures.
             map.retain(|_, d| Arc::strong_count(d) > 1 || d.outliers.lock().is_some());
         }
-        let d = Arc::new(Destination::new(key.clone(), self.metrics.clone()));
+        let d = Arc::new(Destination::new(
+            key.clone(),
+            self.metrics.clone(),
+            self.default_max_connections,
+        ));
         map.insert(key.clone(), d.clone());
         d
     }
@@ -314,7 +344,7 @@ impl Destinations {
     /// Applies the settings in force for `key`.
     pub fn configure(&self, key: &Arc<str>, limits: &Limits, outliers: Option<OutlierConfig>) {
         let d = self.get(key);
-        d.set_limits(limits);
+        d.set_limits(limits, self.default_max_connections);
         let mut o = d.outliers.lock();
         match (o.as_mut(), outliers) {
             (Some(cur), Some(cfg)) if cur.config() != cfg => {
@@ -377,6 +407,32 @@ mod tests {
         ds.configure(&key, &Limits::default(), None);
         let many: Vec<_> = (0..100).map(|_| d.admit_request()).collect();
         assert!(many.iter().all(Result::is_ok));
+    }
+
+    #[test]
+    fn the_default_connection_cap_applies_until_a_policy_sets_one() {
+        let ds = Destinations::with_default_max_connections(Some(2));
+        let key: Arc<str> = "ns/svc".into();
+        let d = ds.get(&key);
+        let held: Vec<_> = (0..2)
+            .map(|_| d.try_connection().expect("under the default"))
+            .collect();
+        assert!(d.try_connection().is_none(), "default cap of 2");
+        ds.configure(&key, &Limits::default(), None);
+        assert!(
+            d.try_connection().is_none(),
+            "a policy without maxConnections keeps it"
+        );
+        ds.configure(
+            &key,
+            &Limits {
+                max_connections: Some(3),
+                ..Limits::default()
+            },
+            None,
+        );
+        assert!(d.try_connection().is_some(), "the policy's own cap wins");
+        drop(held);
     }
 
     #[tokio::test]

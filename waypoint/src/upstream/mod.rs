@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use ambit_shared::admission::FdBudget;
 use ambit_shared::certs::IdentityCert;
 use ambit_shared::hbone::{self, Pool, PoolKey};
 use ambit_shared::identity::Identity;
@@ -66,6 +67,14 @@ pub struct UpstreamConfig {
     pub body_cap: usize,
     /// HTTP connection pool.
     pub clients: ClientConfig,
+    /// Where sockets to endpoints may go in the descriptor table: never into the reserve
+    /// kept for the waypoint's own work (reading its config and certificates). Default:
+    /// no limit.
+    pub fds: FdBudget,
+    /// Connections per destination service where no `TrafficPolicy` sets
+    /// `maxConnections`. Default [`destination::DEFAULT_MAX_CONNECTIONS`]; `None` is
+    /// unlimited.
+    pub default_max_connections: Option<u32>,
 }
 
 impl Default for UpstreamConfig {
@@ -74,6 +83,8 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(10),
             body_cap: body::DEFAULT_CAP,
             clients: ClientConfig::default(),
+            fds: FdBudget::unlimited(),
+            default_max_connections: Some(destination::DEFAULT_MAX_CONNECTIONS),
         }
     }
 }
@@ -150,6 +161,15 @@ pub enum AttemptError {
         /// Which limit.
         limit: Limit,
     },
+    /// The endpoint answered something the waypoint must not pass on (a protocol switch
+    /// nobody asked for): 502, flag `UPE`.
+    #[error("{addr} broke the protocol: {reason}")]
+    Protocol {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// What it did.
+        reason: String,
+    },
 }
 
 impl AttemptError {
@@ -181,6 +201,7 @@ impl AttemptError {
             AttemptError::Http { failure, .. } => *failure,
             AttemptError::Timeout { .. } => Failure::Timeout,
             AttemptError::Overflow { .. } => Failure::Overflow,
+            AttemptError::Protocol { .. } => Failure::Protocol,
         }
     }
 }
@@ -302,12 +323,15 @@ impl Upstream {
             "k8s.namespace.name={},k8s.deployment.name={waypoint_name}",
             identity.namespace()
         );
+        let destinations = Arc::new(Destinations::with_default_max_connections(
+            cfg.default_max_connections,
+        ));
         Upstream {
             clients: Clients::new(cfg.clients.clone()),
             cfg,
             pool,
             balancer: Balancer::default(),
-            destinations: Arc::default(),
+            destinations,
             resilience: Default::default(),
             budgets: Budgets::default(),
             identity,
@@ -593,6 +617,10 @@ impl Upstream {
                 .await
                 .map_err(|_| AttemptError::connect(addr, "timed out"))?
                 .map_err(|e| AttemptError::connect(addr, e))?;
+            self.cfg
+                .fds
+                .check_opened(&tcp)
+                .map_err(|e| AttemptError::connect(addr, e))?;
             let _ = tcp.set_nodelay(true);
             return Ok(Box::new(tcp));
         };
@@ -607,10 +635,12 @@ impl Upstream {
         let cert = self.cert.clone();
         let bundle = self.bundle.clone();
         let timeout = self.cfg.connect_timeout;
+        let fds = self.cfg.fds;
         let dial = move || async move {
             let tcp = tokio::time::timeout(timeout, TcpStream::connect(hbone_addr))
                 .await
                 .map_err(|_| hbone::Error::Timeout(hbone_addr))?
+                .and_then(|tcp| fds.check_opened(&tcp).map(|()| tcp).map_err(Into::into))
                 .map_err(|source| hbone::Error::Connect {
                     addr: hbone_addr,
                     source,

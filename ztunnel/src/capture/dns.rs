@@ -10,7 +10,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd};
 
 use ambit_ebpf::contract::{DNS_PROXY_PORT, LISTEN_ADDR_V4, LISTEN_ADDR_V6, ZTUNNEL_MARK};
-use ambit_shared::ports;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, UdpSocket};
 
@@ -65,9 +64,6 @@ impl DnsSockets {
         self.udp.as_fd()
     }
 }
-
-// The kernel programs send queries to the port ztunnel documents as its DNS port.
-const _: () = assert!(DNS_PROXY_PORT == ports::DNS);
 
 /// The address a family's sockets bind inside the pod: where the eBPF hooks send its queries.
 pub fn proxy_addr(ipv6: bool) -> SocketAddr {

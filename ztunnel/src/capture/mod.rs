@@ -25,6 +25,7 @@ use ambit_ebpf::contract::{
     DELIVERY_ADDR_V4, HBONE_PORT, INBOUND_PORT, LISTEN_ADDR_V4, LISTEN_ADDR_V6, OUTBOUND_PORT,
     ZTUNNEL_MARK,
 };
+use ambit_shared::admission::FdBudget;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -200,14 +201,20 @@ pub fn delivery_addr(dst: SocketAddr) -> SocketAddr {
 }
 
 /// Opens a TCP connection from inside the pod's namespace, marked so it is never captured.
+///
+/// Fails without connecting when the socket would sit in the descriptor reserve (`fds`):
+/// the last descriptors are for ztunnel's own work (opening a pod's namespace, reading the
+/// config), which must never fail because peers made us open too many connections.
 pub async fn connect_in(
     ns: &Netns,
     dst: SocketAddr,
     bind: Option<SocketAddr>,
+    fds: &FdBudget,
 ) -> io::Result<TcpStream> {
     let socket = ns
         .run(|| -> io::Result<Socket> {
             let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+            fds.check_opened(&s)?;
             s.set_mark(ZTUNNEL_MARK)?;
             s.set_nonblocking(true)?;
             s.set_tcp_nodelay(true)?;

@@ -39,6 +39,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ambit_shared::admission::Gate;
 use ambit_shared::config::Config;
 use hickory_proto::rr::Name;
 use tokio::sync::{Semaphore, watch};
@@ -136,17 +137,19 @@ impl DnsProxy {
 
     /// Serves one pod's DNS on its sockets until the returned future is dropped (abort the task
     /// to stop; forwarded queries already in flight finish on their own tasks).
-    pub async fn serve(self: Arc<Self>, listeners: DnsListeners, pod: Arc<Pod>) {
+    /// TCP connections are admitted through `gate`.
+    pub async fn serve(self: Arc<Self>, listeners: DnsListeners, pod: Arc<Pod>, gate: Gate) {
         let pod = Arc::new(PodDns::new(self, pod.namespace.clone(), pod.workload()));
         let serving = [listeners.v4, listeners.v6]
             .into_iter()
             .flatten()
             .map(|sockets| {
                 let pod = pod.clone();
+                let gate = gate.clone();
                 async move {
                     tokio::join!(
                         server::serve_udp(sockets.udp, pod.clone()),
-                        server::serve_tcp(sockets.tcp, pod),
+                        server::serve_tcp(gate.listener(sockets.tcp), pod),
                     );
                 }
             });

@@ -15,8 +15,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ambit_shared::admission::{Accepted, Listener};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
 use tracing::{Instrument, debug, debug_span, warn};
@@ -139,18 +140,15 @@ pub(crate) async fn serve_udp(socket: UdpSocket, pod: Arc<PodDns>) {
     }
 }
 
-/// Accepts TCP connections until the task is dropped; one task per connection. Accept errors
-/// never end the loop.
-pub(crate) async fn serve_tcp(listener: TcpListener, pod: Arc<PodDns>) {
+/// Accepts TCP connections until the task is dropped; one task per connection. Admission
+/// control decides what is accepted; accept errors never end the loop.
+pub(crate) async fn serve_tcp(mut listener: Listener, pod: Arc<PodDns>) {
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!(pod = %pod.workload, error = %e, "DNS TCP accept failed");
-                tokio::time::sleep(ERROR_PAUSE).await;
-                continue;
-            }
-        };
+        let Accepted {
+            stream,
+            peer,
+            permit: admitted,
+        } = listener.accept().await;
         let Ok(permit) = pod.tcp_connections.clone().try_acquire_owned() else {
             debug!(pod = %pod.workload, %peer, "too many DNS TCP connections; closed");
             continue;
@@ -162,7 +160,7 @@ pub(crate) async fn serve_tcp(listener: TcpListener, pod: Arc<PodDns>) {
                 if let Err(why) = serve_connection(stream, &pod).await {
                     debug!(why, "DNS TCP connection closed");
                 }
-                drop(permit);
+                drop((permit, admitted));
             }
             .instrument(span),
         );

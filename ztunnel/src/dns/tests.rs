@@ -601,7 +601,13 @@ async fn serve(proxy: Arc<DnsProxy>) -> Served {
     };
     let pod = Arc::new(pod(proxy));
     tokio::spawn(server::serve_udp(udp, pod.clone()));
-    tokio::spawn(server::serve_tcp(tcp, pod));
+    let admission = ambit_shared::admission::Admission::with_budget(
+        Default::default(),
+        ambit_shared::admission::FdBudget::unlimited(),
+        &mut prometheus_client::registry::Registry::default(),
+    );
+    let listener = admission.gate("dns_tcp", Default::default()).listener(tcp);
+    tokio::spawn(server::serve_tcp(listener, pod));
     served
 }
 

@@ -3,8 +3,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
+use ambit_shared::admission::HandshakeError;
 use ambit_shared::copy;
 use ambit_shared::hbone::parse_connect;
 use ambit_shared::hbone::request::{RequestError, forwarded_client};
@@ -20,8 +20,8 @@ use super::outbound::ignore_close;
 use super::{AccessLog, Pod, ProxyContext};
 use crate::capture::{connect_in, delivery_addr};
 
-/// Bound on the TLS handshake, so idle or slow peers cannot hold sockets forever.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The listener's name in metrics and logs.
+pub const LISTENER: &str = "hbone";
 
 /// Builds the TLS acceptor for `pod`: its certificate, client certificates required.
 pub fn acceptor(pod: &Pod, ctx: &ProxyContext) -> Result<TlsAcceptor, tls::TlsError> {
@@ -41,14 +41,22 @@ pub async fn handle(
 ) {
     let span = info_span!("inbound", peer = %peer, pod = %pod.workload());
     async move {
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tls::buffered(tcp))).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                warn!(error = %tls::describe_handshake_error(&e), "HBONE TLS handshake failed; connection refused");
+        let tls = match ctx
+            .admission
+            .tls_handshake(LISTENER, &acceptor, tcp, peer.ip())
+            .await
+        {
+            Ok(tls) => tls,
+            // Shed and timed-out connections are counted in the admission metrics; logging
+            // each would let a flood of idle connections flood the log too.
+            Err(
+                e @ (HandshakeError::Shed(_) | HandshakeError::Timeout(_) | HandshakeError::Closed),
+            ) => {
+                debug!(error = %e, "HBONE connection closed before its handshake");
                 return;
             }
-            Err(_) => {
-                warn!("HBONE TLS handshake timed out; connection refused");
+            Err(e) => {
+                warn!(error = %e, "HBONE TLS handshake failed; connection refused");
                 return;
             }
         };
@@ -61,7 +69,7 @@ pub async fn handle(
             }
         };
         debug!(peer_identity = %peer_identity, "HBONE connection established");
-        let result = server::serve(tls, |incoming| {
+        let result = server::serve(tls, ctx.hbone_timeouts, |incoming| {
             stream(
                 incoming,
                 peer,
@@ -72,8 +80,14 @@ pub async fn handle(
             .in_current_span()
         })
         .await;
-        if let Err(e) = result {
-            debug!(error = %e, "HBONE connection ended with an error");
+        match result {
+            Ok(closed) => debug!(?closed, "HBONE connection closed"),
+            Err(e) => {
+                if let Some(phase) = e.timeout_phase() {
+                    ctx.admission.count_timeout(LISTENER, phase);
+                }
+                debug!(error = %e, "HBONE connection ended with an error");
+            }
         }
     }
     .instrument(span)
@@ -113,7 +127,14 @@ async fn stream(
         incoming.refuse(e.status());
         return;
     }
-    let app = match connect_in(&pod.netns, dst, Some(delivery_addr(dst))).await {
+    let app = match connect_in(
+        &pod.netns,
+        dst,
+        Some(delivery_addr(dst)),
+        &ctx.admission.fds(),
+    )
+    .await
+    {
         Ok(app) => app,
         Err(e) => {
             let e = RequestError::Unreachable {

@@ -30,7 +30,14 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc
             log.deny(format!("denied: {reason}"));
             return;
         }
-        let app = match connect_in(&pod.netns, dst, Some(delivery_addr(dst))).await {
+        let app = match connect_in(
+            &pod.netns,
+            dst,
+            Some(delivery_addr(dst)),
+            &ctx.admission.fds(),
+        )
+        .await
+        {
             Ok(app) => app,
             Err(e) => {
                 warn!(error = %e, "inbound delivery failed");

@@ -8,28 +8,26 @@ pub mod outbound;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use ambit_shared::admission::{Admission, Gate, Listener, ListenerLimits};
 use ambit_shared::certs::IdentityCert;
 use ambit_shared::config::PeerAuthMode;
 use ambit_shared::config::index::Snapshot;
 use ambit_shared::copy::Counters;
 use ambit_shared::hbone::Pool;
+use ambit_shared::hbone::server;
 use ambit_shared::identity::Identity;
 use ambit_shared::policy::{self, Decision};
 use ambit_shared::ports;
 use ambit_shared::tls::SharedBundle;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::capture::Netns;
 use crate::metrics::{
     ConnectionFacts, ConnectionMeter, Reporter, ResponseFlags, Traffic, TrafficLabels,
 };
-
-/// Pause after a failed accept (e.g. out of file descriptors) so the loop cannot spin.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// What every proxy task needs, shared by all pods on the node.
 #[derive(Debug)]
@@ -46,6 +44,43 @@ pub struct ProxyContext {
     pub trust_domain: String,
     /// Istio's TCP metrics, recorded by [`AccessLog`].
     pub metrics: Arc<Traffic>,
+    /// Admission control shared by every listener of the node.
+    pub admission: Admission,
+    /// The per-pod listeners' gates, one per kind, shared by every pod of the node.
+    pub gates: Gates,
+    /// Time bounds of inbound HBONE connections.
+    pub hbone_timeouts: server::Timeouts,
+}
+
+/// One admission gate per kind of per-pod listener: bounds (per source, in total) apply to
+/// the kind across all pods, since all pods share the node's descriptors.
+#[derive(Debug, Clone)]
+pub struct Gates {
+    /// 15001.
+    pub outbound: Gate,
+    /// 15006.
+    pub inbound_plaintext: Gate,
+    /// 15008.
+    pub hbone: Gate,
+    /// 15053 over TCP.
+    pub dns: Gate,
+}
+
+impl Gates {
+    /// The gates, with `per_source` connections at most from one address on each kind.
+    pub fn new(admission: &Admission, per_source: Option<usize>) -> Self {
+        let limits = ListenerLimits {
+            max_connections: None,
+            max_per_source: per_source,
+        };
+        Gates {
+            outbound: admission.gate("outbound", limits),
+            inbound_plaintext: admission.gate("inbound_plaintext", limits),
+            hbone: admission.gate(inbound::LISTENER, limits),
+            // Each pod's DNS server bounds its own TCP connections (32).
+            dns: admission.gate("dns_tcp", ListenerLimits::default()),
+        }
+    }
 }
 
 /// An enrolled pod on this node, as the proxy sees it.
@@ -88,33 +123,21 @@ impl Pod {
     }
 }
 
-/// Runs an accept loop until the task is aborted; one task per connection. An accept error
-/// never ends the loop.
-pub async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    what: &'static str,
-    pod: Arc<Pod>,
-    handle: F,
-) where
+/// Runs an accept loop until the task is aborted; one task per connection. Admission
+/// control decides what is accepted; an accept error never ends the loop.
+pub async fn accept_loop<F, Fut>(mut listener: Listener, handle: F)
+where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                // Small records (a request, a response, a TLS record) must leave at once:
-                // with Nagle on, each waits for the peer's ACK of the previous one, which
-                // costs about a millisecond per exchange on pooled tunnels.
-                if let Err(e) = stream.set_nodelay(true) {
-                    debug!(listener = what, error = %e, "TCP_NODELAY not set");
-                }
-                tokio::spawn(handle(stream, peer));
-            }
-            Err(e) => {
-                warn!(listener = what, pod = %pod.workload(), error = %e, "accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-            }
-        }
+        let conn = listener.accept().await;
+        let task = handle(conn.stream, conn.peer);
+        let permit = conn.permit;
+        tokio::spawn(async move {
+            task.await;
+            drop(permit);
+        });
     }
 }
 

@@ -140,7 +140,7 @@ async fn to_address(
         }
         None => {
             log.destination(None, None, None);
-            let tcp = connect_in(&pod.netns, dst, None)
+            let tcp = connect_in(&pod.netns, dst, None, &ctx.admission.fds())
                 .await
                 .map_err(|e| format!("connect {dst}: {e}"))?;
             Ok(Box::new(tcp))
@@ -319,8 +319,9 @@ async fn open_tunnel(
     );
     let dial_pod = pod.clone();
     let bundle = ctx.bundle.clone();
+    let fds = ctx.admission.fds();
     let dial = move || async move {
-        let tcp = connect_in(&dial_pod.netns, hbone_addr, None)
+        let tcp = connect_in(&dial_pod.netns, hbone_addr, None, &fds)
             .await
             .map_err(|source| hbone::Error::Connect {
                 addr: hbone_addr,

@@ -38,10 +38,17 @@
 //!
 //! # Decisions
 //!
+//! Connections are admitted through [`ambit_shared::admission`]: at most
+//! [`MAX_CONNECTIONS_PER_SOURCE`] (`--max-connections-per-source`) from one address and
+//! [`MAX_CONNECTIONS`] in all, TLS handshakes bounded per process and per source and in
+//! time, and request heads read within [`HEADER_READ_TIMEOUT`]. An unauthenticated
+//! client therefore holds a connection for seconds, never a permit.
+//!
 //! In order, every request is:
-//! 1. refused `429` if [`MAX_IN_FLIGHT`] requests are already being handled, `413` if its
-//!    body is over [`ambit_shared::signer::MAX_BODY`], `400` if it is not the JSON above or
-//!    names no valid SPIFFE identity;
+//! 1. refused `401` without a bearer token (before its body is read), `413` if its body is
+//!    over [`ambit_shared::signer::MAX_BODY`], `408` if the body does not arrive within
+//!    [`BODY_TIMEOUT`], then `429` if [`MAX_IN_FLIGHT`] requests are already being
+//!    handled, `400` if it is not the JSON above or names no valid SPIFFE identity;
 //! 2. authenticated with a TokenReview (audience `ambit-signer`): `401` without a bearer
 //!    token, or for a token the API server does not authenticate or that is not a service
 //!    account's; `503` if the API server cannot be asked;
@@ -67,6 +74,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ambit_shared::admission::{self, Accepted, Admission, ListenerLimits};
 use ambit_shared::ca::{CaPaths, LocalCa};
 use ambit_shared::identity::Identity;
 use ambit_shared::signer::{
@@ -81,19 +89,31 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use self::authz::{Decision, Needs, Policy};
 use self::kube::{Kube, KubeError};
 
-/// Requests handled at once; more get 429.
+/// Requests handled at once; more get 429. Taken only once the request is complete, so a
+/// client that stalls its upload never holds one.
 pub const MAX_IN_FLIGHT: usize = 64;
+/// Connections open at once.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Default connections open at once from one source address (`--max-connections-per-source`).
+/// A node's ztunnel asks for certificates one connection per request.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 32;
+/// Time for a client to send its request head.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time for a client to send its request body (at most [`MAX_BODY`] bytes).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The listener's name in metrics and logs.
+const LISTENER: &str = "signer";
 /// How long a node's pod list is reused.
 pub const POD_CACHE_TTL: Duration = Duration::from_secs(2);
 /// Shortest leaf the signer issues.
@@ -128,6 +148,10 @@ pub struct Settings {
     pub serving_names: Vec<String>,
     /// IP addresses of the serving certificate.
     pub serving_ips: Vec<IpAddr>,
+    /// Admission control of the listener.
+    pub admission: admission::Limits,
+    /// Connections one source address may hold open.
+    pub max_connections_per_source: usize,
 }
 
 struct State {
@@ -180,28 +204,42 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_cert_resolver(serving.clone());
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(server));
-    let listener = TcpListener::bind(state.settings.listen)
+    let admission = Admission::new(
+        state.settings.admission,
+        &mut prometheus_client::registry::Registry::default(),
+    )?;
+    let tcp = TcpListener::bind(state.settings.listen)
         .await
         .with_context(|| format!("binding {}", state.settings.listen))?;
+    let mut listener = admission
+        .gate(
+            LISTENER,
+            ListenerLimits {
+                max_connections: Some(MAX_CONNECTIONS),
+                max_per_source: Some(state.settings.max_connections_per_source),
+            },
+        )
+        .listener(tcp);
     tokio::spawn(watch_ca(paths, state.clone(), serving));
     info!(listen = %listener.local_addr()?, kube = %state.kube_url(), trust_domain = %state.policy.trust_domain,
         node_tunnels = ?state.policy.node_tunnels, max_ttl = ?state.settings.max_ttl, "signer serving");
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let (acceptor, state) = (acceptor.clone(), state.clone());
+        let Accepted {
+            stream: tcp,
+            peer,
+            permit,
+        } = listener.accept().await;
+        let (acceptor, state, admission) = (acceptor.clone(), state.clone(), admission.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let serve = async {
-                let stream = match acceptor.accept(tcp).await {
+                let stream = match admission
+                    .tls_handshake(LISTENER, &acceptor, tcp, peer.ip())
+                    .await
+                {
                     Ok(s) => s,
                     Err(e) => {
-                        info!(%peer, error = %e, "TLS handshake failed");
+                        debug!(%peer, error = %e, "TLS handshake failed");
                         return;
                     }
                 };
@@ -209,7 +247,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     let state = state.clone();
                     async move { Ok::<_, std::convert::Infallible>(handle(&state, peer, req).await) }
                 });
+                // One request per connection (the client opens one per request), and its
+                // head must arrive within HEADER_READ_TIMEOUT.
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .keep_alive(false)
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {
@@ -242,6 +285,16 @@ async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp
             },
         ),
         (&Method::POST, CERTIFICATES_PATH) => {
+            // Cheap checks first: an unauthenticated or stalled upload must cost neither a
+            // permit nor more than BODY_TIMEOUT of a connection.
+            let Some(token) = bearer(&req) else {
+                warn!(%peer, decision = "refused", status = 401, "no bearer token");
+                return refusal(StatusCode::UNAUTHORIZED, "a bearer token is required");
+            };
+            let body = match read_body(peer, req).await {
+                Ok(body) => body,
+                Err(Refusal(status, reason)) => return refusal(status, &reason),
+            };
             let Ok(_permit) = state.in_flight.try_acquire() else {
                 warn!(%peer, "too many requests in flight; refusing");
                 return refusal(
@@ -249,7 +302,7 @@ async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp
                     "too many requests in flight; retry later",
                 );
             };
-            match issue(state, peer, req).await {
+            match issue(state, peer, token, body).await {
                 Ok(answer) => json(StatusCode::OK, &answer),
                 Err(Refusal(status, reason)) => refusal(status, &reason),
             }
@@ -261,16 +314,12 @@ async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp
     }
 }
 
-async fn issue(
-    state: &State,
-    peer: SocketAddr,
-    req: Request<Incoming>,
-) -> Result<IssueResponse, Refusal> {
-    let started = Instant::now();
-    let token = bearer(&req);
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
+/// The request body: at most [`MAX_BODY`] bytes within [`BODY_TIMEOUT`].
+async fn read_body(peer: SocketAddr, req: Request<Incoming>) -> Result<Bytes, Refusal> {
+    let read = Limited::new(req.into_body(), MAX_BODY).collect();
+    match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) => {
             let too_big = e
                 .downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some();
@@ -280,16 +329,25 @@ async fn issue(
                 StatusCode::BAD_REQUEST
             };
             warn!(%peer, decision = "refused", status = status.as_u16(), error = %e, "unreadable request body");
-            return Err(Refusal(status, format!("reading the request: {e}")));
+            Err(Refusal(status, format!("reading the request: {e}")))
         }
-    };
-    let Some(token) = token else {
-        warn!(%peer, decision = "refused", status = 401, "no bearer token");
-        return Err(Refusal(
-            StatusCode::UNAUTHORIZED,
-            "a bearer token is required".into(),
-        ));
-    };
+        Err(_) => {
+            warn!(%peer, decision = "refused", status = 408, timeout = ?BODY_TIMEOUT, "request body too slow");
+            Err(Refusal(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+            ))
+        }
+    }
+}
+
+async fn issue(
+    state: &State,
+    peer: SocketAddr,
+    token: String,
+    body: Bytes,
+) -> Result<IssueResponse, Refusal> {
+    let started = Instant::now();
     let request: IssueRequest = serde_json::from_slice(&body).map_err(|e| {
         warn!(%peer, decision = "refused", status = 400, error = %e, "malformed request");
         Refusal(StatusCode::BAD_REQUEST, format!("malformed request: {e}"))

@@ -78,6 +78,12 @@ fn validate_one(p: &TrafficPolicy) -> Result<(), Invalid> {
             "circuit-breaking limits guard a destination: target a Service, not a route".into(),
         ));
     }
+    if route_targeted && p.allow_path_parameters {
+        return Err((
+            "allowPathParameters".into(),
+            "path parameters are accepted or refused before routing, for the Service dialled: target a Service, not a route".into(),
+        ));
+    }
     if route_targeted && p.outlier_detection.is_some() {
         return Err((
             "outlierDetection".into(),

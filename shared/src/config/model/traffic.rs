@@ -1,4 +1,5 @@
-//! `TrafficPolicy`: Ambit's resilience settings, attached to a Service or a route.
+//! `TrafficPolicy`: Ambit's resilience settings, attached to a Service or a route, and
+//! how strictly request paths to a Service are read.
 //!
 //! Attachment follows Gateway API policy attachment ([GEP-713]): `targetRefs` name objects
 //! in the policy's own namespace. Settings that guard a destination (connection pool,
@@ -37,6 +38,15 @@ pub struct TrafficPolicy {
     /// Injected delays and aborts, for testing resilience.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<FaultInjection>,
+    /// Accept request paths with parameters (`;`, or `%3B`, in a segment, as in
+    /// `/cart;jsessionid=1`) to the Services it targets (Service targets only). Default
+    /// false: the waypoint answers them 400, because Tomcat and Spring read `/admin;x` and
+    /// `/x/..;/admin` as `/admin`, which rules written for `/admin` would otherwise miss.
+    /// When true, such paths are forwarded as sent and authorization matches every
+    /// segment without its parameters, as those servers do. It is decided for the Service
+    /// the client dialled, before routing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_path_parameters: bool,
 }
 
 /// A policy's target, in the policy's namespace.

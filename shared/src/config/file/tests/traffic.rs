@@ -58,6 +58,11 @@ fn refuses_bad_traffic_policies_naming_the_field() {
             "target a Service",
         ),
         (
+            "  - name: p\n    namespace: shop\n    targetRefs: [{ kind: Service, name: web }, { group: gateway.networking.k8s.io, kind: HTTPRoute, name: r }]\n    allowPathParameters: true\n",
+            "trafficPolicies[0].allowPathParameters",
+            "target a Service",
+        ),
+        (
             "  - name: p\n    namespace: shop\n    targetRefs: [{ kind: Service, name: web }]\n    fault: { abort: { httpStatus: 700, percentage: 10 } }\n",
             "trafficPolicies[0].fault.abort.httpStatus",
             "not an HTTP status",
