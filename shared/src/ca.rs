@@ -70,6 +70,20 @@ pub enum CaError {
     /// A rotation step was asked for out of order, or would break trust.
     #[error("{0}")]
     Rotation(String),
+    /// An identity outside the CA's trust domain: peers of the mesh would refuse the
+    /// certificate, and one trusting several domains would take it as another domain's.
+    #[error("{identity} is not in this CA's trust domain {trust_domain}")]
+    ForeignTrustDomain {
+        /// The identity asked for.
+        identity: String,
+        /// The trust domain the issuer was made for.
+        trust_domain: String,
+    },
+    /// The issuer's name does not say which trust domain it serves (not made by `ca init`).
+    #[error(
+        "{0}: the issuer's common name names no trust domain, so identities can't be checked against it"
+    )]
+    UnknownTrustDomain(PathBuf),
 }
 
 /// How long a new root and issuer stay valid.
@@ -476,6 +490,9 @@ pub struct LocalCa {
     issuer: Issuer<'static, KeyPair>,
     issuer_der: CertificateDer<'static>,
     issuer_not_after: OffsetDateTime,
+    /// The trust domain in the issuer's common name (`Ambit issuer … (<domain>)`).
+    trust_domain: Option<String>,
+    issuer_path: PathBuf,
 }
 
 impl std::fmt::Debug for LocalCa {
@@ -527,6 +544,12 @@ impl LocalCa {
                 reason: format!("does not hold the key of {}", cert_path.display()),
             });
         }
+        let trust_domain = x509
+            .subject()
+            .iter_common_name()
+            .find_map(|cn| cn.as_str().ok())
+            .and_then(trust_domain_of)
+            .map(str::to_string);
         let issuer = Issuer::from_ca_cert_der(&issuer_der, key).map_err(|e| CaError::BadFile {
             path: cert_path.clone(),
             reason: format!("not a usable CA certificate: {e}"),
@@ -535,7 +558,28 @@ impl LocalCa {
             issuer,
             issuer_der,
             issuer_not_after,
+            trust_domain,
+            issuer_path: cert_path,
         })
+    }
+
+    /// The trust domain the issuer was made for, when its name says so (every CA made by
+    /// [`init`] or [`add_root`] does).
+    pub fn trust_domain(&self) -> Option<&str> {
+        self.trust_domain.as_deref()
+    }
+
+    /// Refuses `identity` unless it is in the issuer's trust domain (`ztunnel ca issue`
+    /// checks this before signing).
+    pub fn check_own_trust_domain(&self, identity: &Identity) -> Result<(), CaError> {
+        match self.trust_domain() {
+            Some(td) if td == identity.trust_domain() => Ok(()),
+            Some(td) => Err(CaError::ForeignTrustDomain {
+                identity: identity.to_string(),
+                trust_domain: td.to_string(),
+            }),
+            None => Err(CaError::UnknownTrustDomain(self.issuer_path.clone())),
+        }
     }
 
     /// When the issuer itself expires.
@@ -735,6 +779,21 @@ mod tests {
             crate::tls::verify_chain(&other_bundle, &leaf.chain, webpki::KeyUsage::server_auth())
                 .is_err()
         );
+    }
+
+    #[test]
+    fn only_identities_of_the_cas_own_trust_domain_pass_the_check() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca =
+            LocalCa::load(&init(dir.path(), "td.example", false).expect("init")).expect("load");
+        assert_eq!(ca.trust_domain(), Some("td.example"));
+        let own: Identity = "spiffe://td.example/ns/a/sa/b".parse().expect("id");
+        ca.check_own_trust_domain(&own).expect("own trust domain");
+        let foreign: Identity = "spiffe://evil.example/ns/a/sa/b".parse().expect("id");
+        assert!(matches!(
+            ca.check_own_trust_domain(&foreign),
+            Err(CaError::ForeignTrustDomain { trust_domain, .. }) if trust_domain == "td.example"
+        ));
     }
 
     #[test]

@@ -25,7 +25,8 @@
 //! - [`logging`]: stderr logging, text or JSON, with a run-time filter handle.
 //!
 //! Feature flags: `testing` exposes helpers for tests; `cli` the command-line flags both
-//! binaries share ([`admission::flags`]); `kubernetes` the Kubernetes config source.
+//! binaries share ([`admission::flags`]); `kubernetes` the Kubernetes config source;
+//! `fuzzing` exposes [`fuzzing`], the entry points of the fuzz targets in `fuzz/`.
 #![deny(missing_docs)]
 
 pub mod admin;
@@ -36,6 +37,8 @@ pub mod certs;
 pub mod config;
 pub mod copy;
 pub mod drain;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod hbone;
 pub mod identity;
 pub mod listen;

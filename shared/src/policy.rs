@@ -229,10 +229,113 @@ fn service_accounts(field: &str, values: &[String]) -> Result<Vec<Pattern>, Comp
     patterns(field, values)
 }
 
+/// Principals are matched against the peer's SPIFFE ID
+/// (`spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`). Istio writes them
+/// without the scheme (`cluster.local/ns/shop/sa/web`); such an entry, or any other that no
+/// identity could match, would silently never match here, so it is refused.
+fn principals(field: &str, values: &[String]) -> Result<Vec<Pattern>, CompileError> {
+    for (i, v) in values.iter().enumerate() {
+        check_principal(v).map_err(|reason| (format!("{field}[{i}]"), reason))?;
+    }
+    patterns(field, values)
+}
+
+/// The parts of a SPIFFE ID between its `/`s: `spiffe:`, ``, trust domain, `ns`,
+/// namespace, `sa`, service account.
+#[derive(Debug, Clone, Copy)]
+enum IdPart {
+    Literal(&'static str),
+    Component,
+}
+
+const SPIFFE_ID_PARTS: [IdPart; 7] = [
+    IdPart::Literal("spiffe:"),
+    IdPart::Literal(""),
+    IdPart::Component,
+    IdPart::Literal("ns"),
+    IdPart::Component,
+    IdPart::Literal("sa"),
+    IdPart::Component,
+];
+
+/// How much of an [`IdPart`] a piece of a pattern covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cover {
+    Whole,
+    Start,
+    End,
+}
+
+impl IdPart {
+    fn accepts(self, piece: &str, cover: Cover) -> bool {
+        match (self, cover) {
+            (IdPart::Literal(l), Cover::Whole) => piece == l,
+            (IdPart::Literal(l), Cover::Start) => l.starts_with(piece),
+            (IdPart::Literal(l), Cover::End) => l.ends_with(piece),
+            (IdPart::Component, Cover::Whole) => {
+                crate::identity::validate_component("component", piece).is_ok()
+            }
+            (IdPart::Component, cover) => {
+                piece
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+                    && !(cover == Cover::Start && piece.starts_with(['-', '.']))
+                    && !(cover == Cover::End && piece.ends_with(['-', '.']))
+            }
+        }
+    }
+}
+
+fn check_principal(p: &str) -> Result<(), String> {
+    let hint = "principals are SPIFFE IDs: spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>, `*` at the start or end";
+    let fits = |body: &str, prefix: bool| {
+        let pieces: Vec<&str> = body.split('/').collect();
+        let Some(skip) = SPIFFE_ID_PARTS.len().checked_sub(pieces.len()) else {
+            return false;
+        };
+        // A prefix lines up with the ID's first parts and may stop inside its last one; a
+        // suffix lines up with the last parts and may start inside its first one.
+        let parts = if prefix {
+            &SPIFFE_ID_PARTS[..pieces.len()]
+        } else {
+            &SPIFFE_ID_PARTS[skip..]
+        };
+        let last = pieces.len().saturating_sub(1);
+        pieces
+            .iter()
+            .zip(parts)
+            .enumerate()
+            .all(|(i, (piece, part))| {
+                let cover = match (prefix, i) {
+                    (true, i) if i == last => Cover::Start,
+                    (false, 0) => Cover::End,
+                    _ => Cover::Whole,
+                };
+                part.accepts(piece, cover)
+            })
+    };
+    let ok = match Pattern::parse(p)? {
+        Pattern::Any => true,
+        Pattern::Exact(id) => id.parse::<Identity>().is_ok(),
+        Pattern::Prefix(body) => fits(&body, true),
+        Pattern::Suffix(body) => fits(&body, false),
+    };
+    if ok {
+        return Ok(());
+    }
+    let suggestion = match p.split_once("/ns/") {
+        Some((td, _)) if !p.starts_with("spiffe://") && !td.contains(['*', ':']) => {
+            format!(" (did you mean `spiffe://{p}`?)")
+        }
+        _ => String::new(),
+    };
+    Err(format!("`{p}` can never match a peer: {hint}{suggestion}"))
+}
+
 fn compile_source(s: &Source) -> Result<CompiledSource, CompileError> {
     Ok(CompiledSource {
-        principals: patterns("principals", &s.principals)?,
-        not_principals: patterns("notPrincipals", &s.not_principals)?,
+        principals: principals("principals", &s.principals)?,
+        not_principals: principals("notPrincipals", &s.not_principals)?,
         namespaces: patterns("namespaces", &s.namespaces)?,
         not_namespaces: patterns("notNamespaces", &s.not_namespaces)?,
         service_accounts: service_accounts("serviceAccounts", &s.service_accounts)?,

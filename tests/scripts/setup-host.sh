@@ -12,6 +12,7 @@ packages=(
   python3
   dnsutils                   # dig, for the DNS proxy scenarios
   nghttp2-client             # h2load, an h2c client for the waypoint scenarios
+  g++                        # libFuzzer (C++), built by the fuzz targets' libfuzzer-sys
 )
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -51,4 +52,12 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup-host: cargo not found. Install Rust 1.95 or newer (rustup) and re-run." >&2
   exit 1
+fi
+
+# The fuzz targets (tests/scripts/fuzz.sh) run through cargo-fuzz, on the stable toolchain
+# with `--sanitizer none`. Pinned, so a new release can't change how CI builds them.
+cargo_fuzz_version=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -qx "cargo-fuzz $cargo_fuzz_version"; then
+  echo "setup-host: installing cargo-fuzz $cargo_fuzz_version (crates.io)"
+  cargo install --locked --quiet cargo-fuzz --version "$cargo_fuzz_version"
 fi

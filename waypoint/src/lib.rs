@@ -25,6 +25,8 @@ pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod filters;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod head;
 pub mod listener;
 pub mod metrics;

@@ -307,6 +307,64 @@ mod tests {
         assert_eq!(query_param("lvl=debug", "level"), None);
     }
 
+    /// The escape boundaries (issue 13 reported an off-by-one here): an escape in the last
+    /// three bytes decodes, a `%` with fewer than two bytes after it stays as it is.
+    #[test]
+    fn escapes_decode_up_to_the_last_byte() {
+        for (raw, want) in [
+            ("%41", "A"),
+            ("a%41", "aA"),
+            ("%41%42", "AB"),
+            ("%4", "%4"),
+            ("a%4", "a%4"),
+            ("%", "%"),
+            ("%%41", "%A"),
+            ("%4%41", "%4A"),
+            ("%g1", "%g1"),
+            ("%+1", "% 1"),
+            ("%2B+", "+ "),
+            ("%e2%82%ac", "\u{20ac}"),
+        ] {
+            assert_eq!(percent_decode(raw), want, "{raw:?}");
+        }
+        // Every string of up to five bytes over an alphabet with all the cases, against a
+        // decoder written from the URL standard's wording.
+        let reference = |s: &str| {
+            let b = s.as_bytes();
+            let mut out = Vec::new();
+            let mut i = 0;
+            while let Some(&c) = b.get(i) {
+                let escape = b
+                    .get(i + 1..i + 3)
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match (c, escape) {
+                    (b'%', Some(v)) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    (b'+', _) => out.push(b' '),
+                    (c, _) => out.push(c),
+                }
+                i += 1;
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        let alphabet = ['%', '4', '1', 'f', 'g', '+', 'x'];
+        let mut strings = vec![String::new()];
+        for _ in 0..5 {
+            strings = strings
+                .iter()
+                .flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}")))
+                .collect();
+            for s in &strings {
+                assert_eq!(percent_decode(s), reference(s), "{s:?}");
+            }
+        }
+    }
+
     #[test]
     fn endpoints_serve_only_their_paths() {
         assert!(allowed(Endpoint::Metrics, "/metrics"));

@@ -6,9 +6,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::io::Read as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use super::limits::{Limits, Position};
 use super::model::{Config, Service};
 use super::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};
 use crate::identity::validate_component;
@@ -40,23 +42,79 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Reads, parses and validates a config file.
+/// Reads, parses and validates a config file within the default [`Limits`].
 pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: path.to_path_buf(),
-        field: String::new(),
-        reason: format!("cannot read file: {e}"),
-    })?;
-    parse_str(path, &text)
+    load_file_with(path, &Limits::default())
 }
 
-/// Parses and validates config text; `path` is only used in errors.
+/// Reads, parses and validates a config file, refusing it before parsing when it is over
+/// `limits`. Blocking, and CPU-bound for large files: async callers run it off their
+/// workers (see [`super::watch`]).
+pub fn load_file_with(path: &Path, limits: &Limits) -> Result<Config, ConfigError> {
+    let text = read_file(path, limits)?;
+    parse_str_with(path, &text, limits)
+}
+
+/// Reads `path` as UTF-8, refusing it without reading when its size is over the limit, and
+/// reading at most one byte more than the limit in case it grows meanwhile.
+pub fn read_file(path: &Path, limits: &Limits) -> Result<String, ConfigError> {
+    read_capped(path, limits).map_err(|e| match e {
+        ReadFailure::Io(e) | ReadFailure::Content(e) => e,
+    })
+}
+
+/// Why [`read_capped`] returned no text: the watcher retries the first kind at its next
+/// poll, and the second only when the file changes.
+#[derive(Debug)]
+pub(super) enum ReadFailure {
+    /// Opening or reading failed (gone, no permission, out of file descriptors).
+    Io(ConfigError),
+    /// The bytes were read and are unusable (too large, not UTF-8).
+    Content(ConfigError),
+}
+
+pub(super) fn read_capped(path: &Path, limits: &Limits) -> Result<String, ReadFailure> {
+    let err = |reason: String| ConfigError {
+        file: path.to_path_buf(),
+        field: String::new(),
+        reason,
+    };
+    let io = |e: std::io::Error| ReadFailure::Io(err(format!("cannot read file: {e}")));
+    let file = std::fs::File::open(path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    limits
+        .check_size(size)
+        .map_err(|e| ReadFailure::Content(err(e.to_string())))?;
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    file.take(limits.max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    limits
+        .check_size(u64::try_from(bytes.len()).unwrap_or(u64::MAX))
+        .map_err(|e| ReadFailure::Content(err(e.to_string())))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let at = text_position(e.as_bytes(), e.utf8_error().valid_up_to());
+        ReadFailure::Content(err(format!("not UTF-8 text: invalid byte at {at}")))
+    })
+}
+
+/// Parses and validates config text within the default [`Limits`]; `path` is only used in
+/// errors.
 pub fn parse_str(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    parse_str_with(path, text, &Limits::default())
+}
+
+/// Parses and validates config text, refusing it before parsing when it is over `limits`;
+/// `path` is only used in errors.
+pub fn parse_str_with(path: &Path, text: &str, limits: &Limits) -> Result<Config, ConfigError> {
     let err = |field: String, reason: String| ConfigError {
         file: path.to_path_buf(),
         field,
         reason,
     };
+    limits
+        .check(text)
+        .map_err(|e| err(String::new(), e.to_string()))?;
     let de = serde_yaml_ng::Deserializer::from_str(text);
     let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
@@ -73,6 +131,19 @@ pub fn parse_str(path: &Path, text: &str) -> Result<Config, ConfigError> {
     })?;
     validate(&config).map_err(|(field, reason)| err(field, reason))?;
     Ok(config)
+}
+
+/// The 1-based line and column of byte `offset` in `bytes`.
+fn text_position(bytes: &[u8], offset: usize) -> Position {
+    let before = bytes.get(..offset).unwrap_or(bytes);
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    Position {
+        line: before.iter().filter(|&&b| b == b'\n').count() + 1,
+        column: offset.saturating_sub(line_start) + 1,
+    }
 }
 
 type Invalid = (String, String);
@@ -94,6 +165,7 @@ pub fn validate_config(config: &Config) -> Result<(), InvalidField> {
 }
 
 fn validate(c: &Config) -> Result<(), Invalid> {
+    check_text(c)?;
     validate_component("trust domain", &c.trust_domain)
         .map_err(|e| ("trustDomain".into(), e.to_string()))?;
 
@@ -314,6 +386,72 @@ fn validate_service(
         (Some(_), None) => {}
     }
     Ok(())
+}
+
+/// Refuses control characters (C0, DEL, C1) and the Unicode bidirectional overrides in
+/// every string of the config, keys included. None has a use in a name, label, path, header
+/// or pattern, and each can forge or hide text in logs, metrics and `config_dump` (a
+/// newline in a label value starts a fake log line; U+202E reverses what follows). Only
+/// Kubernetes annotations, free text that tools write (kubectl's
+/// `last-applied-configuration` ends in a newline), may hold tabs and line breaks.
+fn check_text(c: &Config) -> Result<(), Invalid> {
+    // The serialized form has exactly the field names a user wrote, so the path matches
+    // the one serde reports for parse errors.
+    let value = serde_json::to_value(c)
+        .map_err(|e| (String::new(), format!("cannot inspect the config: {e}")))?;
+    let mut path = String::new();
+    walk_text(&value, &mut path, false)
+}
+
+fn walk_text(v: &serde_json::Value, path: &mut String, free_text: bool) -> Result<(), Invalid> {
+    let len = path.len();
+    let result = match v {
+        serde_json::Value::String(s) => check_chars(s, free_text).map_err(|e| (path.clone(), e)),
+        serde_json::Value::Array(items) => items.iter().enumerate().try_for_each(|(i, item)| {
+            path.truncate(len);
+            path.push_str(&format!("[{i}]"));
+            walk_text(item, path, false)
+        }),
+        serde_json::Value::Object(fields) => fields.iter().try_for_each(|(k, item)| {
+            path.truncate(len);
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(k);
+            check_chars(k, false).map_err(|e| (path.clone(), format!("in the key: {e}")))?;
+            let annotations = k == "annotations" && path.ends_with("metadata.annotations");
+            match (annotations, item) {
+                (true, serde_json::Value::Object(notes)) => {
+                    notes.iter().try_for_each(|(name, note)| {
+                        path.truncate(len);
+                        path.push_str(&format!(".{k}.{name}"));
+                        check_chars(name, false)
+                            .map_err(|e| (path.clone(), format!("in the key: {e}")))?;
+                        walk_text(note, path, true)
+                    })
+                }
+                _ => walk_text(item, path, false),
+            }
+        }),
+        _ => Ok(()),
+    };
+    path.truncate(len);
+    result
+}
+
+fn check_chars(s: &str, free_text: bool) -> Result<(), String> {
+    let bad = s.chars().find(|&ch| {
+        let allowed = free_text && matches!(ch, '\t' | '\n' | '\r');
+        !allowed
+            && (ch.is_control() || matches!(ch, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
+    });
+    match bad {
+        Some(ch) => Err(format!(
+            "control character U+{:04X} is not allowed here",
+            u32::from(ch)
+        )),
+        None => Ok(()),
+    }
 }
 
 fn check_mode_label(labels: &BTreeMap<String, String>, at: &str) -> Result<(), Invalid> {

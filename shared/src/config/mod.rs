@@ -2,18 +2,24 @@
 //!
 //! [`model`] holds the serde types exactly as users write them (Gateway API routes in
 //! their upstream Kubernetes shape); [`file`](mod@file) reads and validates a file into a
-//! [`Config`], reporting the file, the field and the reason for anything wrong. Everything
+//! [`Config`], reporting the file, the field and the reason for anything wrong, after
+//! [`limits`] has refused files too large or too deeply nested to parse cheaply. Everything
 //! downstream works on a validated [`Config`].
 
 pub mod file;
 pub mod index;
 #[cfg(feature = "kubernetes")]
 pub mod kube;
+pub mod limits;
 pub mod model;
 pub mod source;
 pub mod watch;
 
-pub use file::{ConfigError, InvalidField, load_file, parse_str, validate_config};
+pub use file::{
+    ConfigError, InvalidField, load_file, load_file_with, parse_str, parse_str_with,
+    validate_config,
+};
+pub use limits::Limits;
 pub use model::{
     Action, AuthorizationPolicy, Config, EndpointRef, GatewayDuration, Namespace, ObjectMeta,
     Operation, ParentReference, PeerAuthMode, PeerAuthentication, Protocol, Route, RouteKind,

@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use tokio::sync::watch as channel;
 
-use super::watch::{self, ReloadOutcome};
-use super::{Config, ConfigError};
+use super::limits::LimitEnvError;
+use super::watch::{self, ReloadOutcome, WatchSettings};
+use super::{Config, ConfigError, Limits};
 
 /// How long the Kubernetes source waits for the first complete list of every kind.
 #[cfg(feature = "kubernetes")]
@@ -105,6 +106,12 @@ pub enum SourceError {
     /// The file is unreadable or invalid.
     #[error(transparent)]
     File(#[from] ConfigError),
+    /// An environment variable overriding a config limit is unusable.
+    #[error(transparent)]
+    Limits(#[from] LimitEnvError),
+    /// The thread loading the file ended without an answer.
+    #[error("loading the config file failed: {0}")]
+    Loader(String),
     /// The Kubernetes source could not start.
     #[cfg(feature = "kubernetes")]
     #[error(transparent)]
@@ -125,9 +132,19 @@ where
 {
     match source {
         Source::File(path) => {
-            let tx = watch::load_initial(path)?;
+            let settings = WatchSettings {
+                limits: Limits::from_env()?,
+                ..WatchSettings::default()
+            };
+            // Off the async workers, like every later reload.
+            let load = path.clone();
+            let tx =
+                tokio::task::spawn_blocking(move || watch::load_initial(&load, &settings.limits))
+                    .await
+                    .map_err(|e| SourceError::Loader(e.to_string()))??;
             let rx = tx.subscribe();
-            Ok((rx, Box::pin(watch::watch_file(path.clone(), tx, observe))))
+            let task = watch::watch_file_with(path.clone(), tx, observe, settings);
+            Ok((rx, Box::pin(task)))
         }
         #[cfg(feature = "kubernetes")]
         Source::Kubernetes(settings) => {

@@ -63,7 +63,7 @@ pub fn connect_request(
     let mut builder = Request::builder()
         .method(Method::CONNECT)
         .version(Version::HTTP_2)
-        .uri(dst.to_string())
+        .uri(without_scope(dst).to_string())
         .header(FORWARDED, forwarded_for(src))
         .header(TRACEPARENT, traceparent);
     if let Some(b) = baggage {
@@ -75,7 +75,14 @@ pub fn connect_request(
 
 fn forwarded_for(src: SocketAddr) -> String {
     // RFC 7239 §6: the node is quoted; SocketAddr's Display already brackets IPv6.
-    format!("for=\"{src}\"")
+    format!("for=\"{}\"", without_scope(src))
+}
+
+/// `addr` without an IPv6 scope (zone) ID or flow label. A link-local socket carries the
+/// index of one of this host's interfaces, which means nothing to the peer (found by the
+/// `hbone_request` fuzz target: `[fe80::1%2]:80` went on the wire as it is).
+fn without_scope(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip(), addr.port())
 }
 
 /// Checks a request is a CONNECT to `ip:port` and returns the destination.
@@ -91,7 +98,10 @@ pub fn parse_connect<B>(req: &Request<B>) -> Result<SocketAddr, RequestError> {
     let addr: SocketAddr = authority
         .parse()
         .map_err(|_| RequestError::BadAuthority(authority.to_string()))?;
-    if addr.port() == 0 || addr.ip().is_unspecified() {
+    // A zone ID names an interface of the sender's host; honouring it here would let a peer
+    // pick one of ours.
+    let scoped = matches!(addr, SocketAddr::V6(v6) if v6.scope_id() != 0);
+    if addr.port() == 0 || addr.ip().is_unspecified() || scoped {
         return Err(RequestError::BadAuthority(authority.to_string()));
     }
     Ok(addr)
@@ -128,13 +138,38 @@ mod tests {
     }
 
     #[test]
+    fn link_local_scopes_stay_on_this_host() {
+        let scoped = |s: &str| -> SocketAddr {
+            let mut a: std::net::SocketAddrV6 = s.parse().expect("addr");
+            a.set_scope_id(17152);
+            a.into()
+        };
+        let req = connect_request(scoped("[fe80::1]:80"), scoped("[fe80::2]:4000"), None, "00");
+        assert_eq!(req.uri(), "[fe80::1]:80");
+        assert_eq!(
+            parse_connect(&req),
+            Ok("[fe80::1]:80".parse().expect("addr"))
+        );
+        assert_eq!(
+            forwarded_client(&req),
+            Some("[fe80::2]:4000".parse().expect("addr"))
+        );
+    }
+
+    #[test]
     fn refuses_bad_requests_with_400() {
         let get = Request::get("http://10.1.2.3:80/").body(()).expect("req");
         assert_eq!(
             parse_connect(&get).map_err(|e| e.status()),
             Err(StatusCode::BAD_REQUEST)
         );
-        for authority in ["example.com:80", "10.1.2.3", "10.1.2.3:0", "0.0.0.0:80"] {
+        for authority in [
+            "example.com:80",
+            "10.1.2.3",
+            "10.1.2.3:0",
+            "0.0.0.0:80",
+            "[fe80::1%2]:80",
+        ] {
             let req = Request::builder()
                 .method(Method::CONNECT)
                 .uri(authority)

@@ -51,7 +51,23 @@ pub enum Form {
 /// Normalizes `raw` (a request target's path, with or without its query) into `form`.
 /// Borrows when nothing changes, which is the common case. A path that does not start
 /// with `/` (`*`, for `OPTIONS *`) is returned without its query, otherwise unchanged.
+///
+/// The [`Form::Forward`] of a path always normalizes to its [`Form::Match`]: where keeping
+/// an encoded slash or a backslash would make a `..` remove a different segment than it
+/// did for matching (`/x%2Fy/../admin` is `/x/admin` to the rules, but was forwarded as
+/// `/admin`, found by the `path` fuzz target), the matched form is forwarded instead.
 pub fn normalize(raw: &str, form: Form) -> Cow<'_, str> {
+    let out = normalize_form(raw, form);
+    if form == Form::Forward && matches!(out, Cow::Owned(_)) {
+        let matched = normalize_form(raw, Form::Match);
+        if normalize_form(&out, Form::Match) != matched {
+            return Cow::Owned(matched.into_owned());
+        }
+    }
+    out
+}
+
+fn normalize_form(raw: &str, form: Form) -> Cow<'_, str> {
     let path = raw.split(['?', '#']).next().unwrap_or_default();
     if !path.starts_with('/') || is_normal(path, form) {
         return Cow::Borrowed(path);
@@ -114,8 +130,11 @@ fn is_normal(path: &str, form: Form) -> bool {
 }
 
 /// Decodes percent-escapes of unreserved characters (and, for [`Form::Match`], of `/`, `\`
-/// and `;`); upper-cases the hex digits of the escapes left. A `%` not followed by two hex
-/// digits is kept as it is. One pass only: the `%61` that `%2561` decodes to stays.
+/// and `;`); upper-cases the hex digits of the escapes left. One pass only: the `%61` that
+/// `%2561` decodes to stays. A `%` not followed by two hex digits is encoded as `%25`: kept
+/// bare, it could join the characters after it into an escape that the next decoder (the
+/// backend) decodes, though it was never matched decoded (`/%%361dmin` became `/%61dmin`,
+/// which a backend reads as `/admin`; found by the `path` fuzz target).
 fn decode(path: &str, form: Form) -> String {
     let b = path.as_bytes();
     let mut out = String::with_capacity(path.len());
@@ -128,7 +147,11 @@ fn decode(path: &str, form: Form) -> String {
             i += c.len_utf8().max(1);
             continue;
         };
-        let hex = after.get(..2).and_then(|h| u8::from_str_radix(h, 16).ok());
+        // Two hex digits exactly: `from_str_radix` alone would take a sign (`%+1`).
+        let hex = after
+            .get(..2)
+            .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
         match hex {
             Some(v) if is_unreserved(v) => out.push(char::from(v)),
             Some(v @ (b'/' | b'\\' | b';')) if form == Form::Match => out.push(char::from(v)),
@@ -139,7 +162,7 @@ fn decode(path: &str, form: Form) -> String {
                 out.push(char::from(HEX[usize::from(v & 0x0f)]));
             }
             None => {
-                out.push('%');
+                out.push_str("%25");
                 i += 1;
                 continue;
             }

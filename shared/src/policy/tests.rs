@@ -313,6 +313,52 @@ fn compile_errors_name_the_field() {
     let _ = (BTreeMap::<String, String>::new(), Rule::default());
 }
 
+#[test]
+fn principals_must_be_spiffe_ids_or_patterns_one_could_match() {
+    let compile_principal = |p: &str| {
+        let yaml =
+            format!("{{name: x, action: DENY, rules: [{{from: [{{notPrincipals: ['{p}']}}]}}]}}");
+        let policy: AuthorizationPolicy = serde_yaml_ng::from_str(&yaml).expect("yaml");
+        compile(&policy).map(|_| ())
+    };
+    for good in [
+        "*",
+        "spiffe://cluster.local/ns/shop/sa/web",
+        "spiffe://cluster.local/ns/shop/*",
+        "spiffe://cluster.local/ns/shop/sa/*",
+        "spiffe://cluster.local/*",
+        "spiffe://*",
+        "*/sa/batch",
+        "*/ns/shop/sa/web",
+        "*.local/ns/shop/sa/web",
+        "*-api",
+    ] {
+        compile_principal(good).unwrap_or_else(|e| panic!("{good}: {e:?}"));
+    }
+    for bad in [
+        // Istio's form, without the scheme: it would never match.
+        "cluster.local/ns/shop/sa/web",
+        "cluster.local/ns/shop/*",
+        "spiffe://cluster.local/ns/shop",
+        "spiffe://cluster.local/ns/Shop/sa/web",
+        "spiffe://cluster.local/namespace/shop/*",
+        "spiffe://cluster.local/ns/shop/sa/web/extra",
+        "*/sa/Batch",
+        "*/x/y/z/a/b/c/d",
+        "*/sa/web-",
+        "web",
+    ] {
+        let (field, reason) = compile_principal(bad).expect_err(bad);
+        assert_eq!(field, "rules[0].from[0].notPrincipals[0]", "{bad}");
+        assert!(reason.contains("SPIFFE"), "{bad}: {reason}");
+    }
+    let (_, reason) = compile_principal("cluster.local/ns/shop/sa/web").expect_err("istio form");
+    assert!(
+        reason.contains("did you mean `spiffe://cluster.local/ns/shop/sa/web`"),
+        "{reason}"
+    );
+}
+
 // === L7 ===
 
 #[test]
@@ -339,8 +385,9 @@ fn path_normalization() {
         ("/v1\\..\\admin", "/admin", "/v1\\..\\admin"),
         ("/v1/%5c../admin", "/admin", "/v1/%5C../admin"),
         ("/a%20b", "/a%20b", "/a%20b"),
-        ("/a%zzb", "/a%zzb", "/a%zzb"),
-        ("/a%", "/a%", "/a%"),
+        // A stray `%` is encoded, so it can't form an escape with what follows.
+        ("/a%zzb", "/a%25zzb", "/a%25zzb"),
+        ("/a%", "/a%25", "/a%25"),
         ("/é/../x", "/x", "/x"),
         ("*", "*", "*"),
         // Case is kept: rules are case-sensitive, as Istio's are.
@@ -972,4 +1019,43 @@ authorizationPolicies:
     assert_eq!(err.field, "authorizationPolicies[1].rules[1].when[0].key");
     assert!(err.reason.contains("request.header[x-a]"), "{err}");
     assert!(err.to_string().contains("mesh.yaml"), "{err}");
+}
+
+/// Found by the `path` fuzz target: a `..` after an encoded slash or a backslash removed
+/// a different segment in the forwarded form than in the matched one, so `/x%2Fy/../admin`
+/// was authorised as `/x/admin` and forwarded as `/admin`, past a DENY on `/admin`.
+#[test]
+fn forwarded_paths_are_the_authorised_ones_after_dot_segments() {
+    use path::{Form, normalize};
+    for raw in [
+        "/x%2Fy/../admin",
+        "/x%2fy/../admin",
+        "/x\\y/../admin",
+        "/x%5Cy/../admin",
+    ] {
+        assert_eq!(normalize(raw, Form::Match), "/x/admin", "{raw}");
+        assert_eq!(normalize(raw, Form::Forward), "/x/admin", "{raw}");
+    }
+    // Without dot segments, encoded slashes are still forwarded as sent.
+    assert_eq!(normalize("/files/a%2Fb", Form::Forward), "/files/a%2Fb");
+    assert_eq!(
+        normalize("/files/a%2Fb/./c", Form::Forward),
+        "/files/a%2Fb/c"
+    );
+}
+
+/// Found by the `path` fuzz target: a stray `%` joined the next characters into a new
+/// escape, so normalizing twice differed from once, and a backend decoding the forwarded
+/// `/%61dmin` saw `/admin`, which was matched as `/%61dmin`.
+#[test]
+fn a_stray_percent_is_encoded_so_no_escape_appears_from_pieces() {
+    use path::{Form, normalize};
+    for form in [Form::Match, Form::Forward] {
+        assert_eq!(normalize("/%%361dmin", form), "/%2561dmin");
+        assert_eq!(normalize("/%3%30", form), "/%2530");
+        assert_eq!(normalize("/100%", form), "/100%25");
+        assert_eq!(normalize("/a%+1", form), "/a%25+1");
+        let once = normalize("/%%361dmin", form).into_owned();
+        assert_eq!(normalize(&once, form), once);
+    }
 }

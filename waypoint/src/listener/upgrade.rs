@@ -497,7 +497,7 @@ where
 /// Which way a pump copies; decides whether an injected frame is masked (RFC 6455 §5.3:
 /// frames towards a server are masked, frames towards a client are not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
+pub(crate) enum Side {
     ToServer,
     ToClient,
 }
@@ -619,7 +619,7 @@ where
 const OPCODE_CLOSE: u8 = 0x8;
 
 /// A Close frame with `code` and no reason; masked towards a server.
-fn close_frame(side: Side, code: u16) -> Vec<u8> {
+pub(crate) fn close_frame(side: Side, code: u16) -> Vec<u8> {
     let payload = code.to_be_bytes();
     match side {
         Side::ToClient => vec![0x80 | OPCODE_CLOSE, 2, payload[0], payload[1]],
@@ -642,7 +642,7 @@ fn close_frame(side: Side, code: u16) -> Vec<u8> {
 /// Finds WebSocket frame boundaries in a byte stream without buffering payloads: header
 /// bytes are collected until the header is complete, payload bytes are only counted.
 #[derive(Debug, Default)]
-struct Frames {
+pub(crate) struct Frames {
     header: Vec<u8>,
     payload_left: u64,
     /// Whether the current frame is forwarded (decided at its first byte).
@@ -650,13 +650,13 @@ struct Frames {
 }
 
 impl Frames {
-    fn at_boundary(&self) -> bool {
+    pub(crate) fn at_boundary(&self) -> bool {
         self.header.is_empty() && self.payload_left == 0
     }
 
     /// Consumes a prefix of `data`; returns its length and, when a header completes in it,
     /// the frame's opcode.
-    fn step(&mut self, data: &[u8]) -> (usize, Option<u8>) {
+    pub(crate) fn step(&mut self, data: &[u8]) -> (usize, Option<u8>) {
         if self.payload_left > 0 {
             let n = (data.len() as u64).min(self.payload_left) as usize;
             self.payload_left -= n as u64;

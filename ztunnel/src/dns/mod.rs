@@ -27,9 +27,9 @@
 //! at most 4 KiB, answers are bounded by the transport, and each pod has a fixed number of
 //! forwarded queries in flight and TCP connections open (see [`server`]).
 
-mod catalog;
+pub(crate) mod catalog;
 mod forward;
-mod message;
+pub(crate) mod message;
 mod resolv_conf;
 mod server;
 #[cfg(test)]

@@ -153,6 +153,41 @@ fn rejects_garbage_without_panicking() {
 }
 
 #[test]
+fn control_characters_are_refused_with_the_field() {
+    for (extra, field) in [
+        (
+            "    labels: { app: \"web\\nINFO forged log line\" }\n",
+            "namespaces[2].labels.app",
+        ),
+        (
+            "    labels: { \"a\\u0007b\": x }\n",
+            "namespaces[2].labels.a\u{7}b",
+        ),
+        (
+            "    labels: { app: \"\\u202Eevil\" }\n",
+            "namespaces[2].labels.app",
+        ),
+    ] {
+        // A third namespace, after `legacy`.
+        let text = GOOD.replacen(
+            "  - name: legacy\n",
+            &format!("  - name: legacy\n  - name: extra\n{extra}"),
+            1,
+        );
+        expect_error(&text, field, "control character");
+    }
+    let routed = format!(
+        "{GOOD}routes:\n  - apiVersion: gateway.networking.k8s.io/v1\n    kind: HTTPRoute\n    metadata:\n      name: r\n      namespace: shop\n      annotations: {{ kubectl.kubernetes.io/last-applied-configuration: \"{{}}\\n\" }}\n    spec:\n      parentRefs: [{{ group: \"\", kind: Service, name: web }}]\n      rules: [{{ backendRefs: [{{ name: web, port: 80 }}] }}]\n"
+    );
+    parse(&routed).expect("a newline in an annotation is fine");
+    expect_error(
+        &routed.replace("name: r\n", "name: r\n      labels: { a: \"\\t\" }\n"),
+        "routes[0].metadata.labels.a",
+        "U+0009",
+    );
+}
+
+#[test]
 fn names_field_for_bad_policy() {
     let text = format!(
         "{GOOD}authorizationPolicies:\n  - name: p\n    namespace: shop\n    action: DENY\n    rules: [{{from: [{{ipBlocks: [10.0.0.0/40]}}]}}]\n"

@@ -1,4 +1,8 @@
 //! `ztunnel`: Ambit's node tunnel.
+//!
+//! Built as a library whose [`main`] the `ztunnel` binary calls, so that the fuzz targets
+//! (the `fuzzing` feature, see `fuzz/` at the repository root) reach its parsers; the
+//! modules themselves stay private.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +22,8 @@ mod capture;
 mod cni;
 mod dns;
 mod enroll;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 mod metrics;
 mod proxy;
 mod signer;
@@ -268,6 +274,10 @@ enum CaCommand {
         /// Lifetime.
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// Sign an identity outside the CA's trust domain (tests of peers' trust-domain
+        /// checks need one); refused by default.
+        #[arg(long)]
+        allow_foreign_trust_domain: bool,
     },
     /// Trust-anchor rotation, step 1 of 3: stage a new root and issuer in DIR/next and add
     /// the new root to bundle.pem. Wait until every node has reloaded the bundle.
@@ -325,7 +335,9 @@ fn print_cert(what: &str, c: &CertInfo, now: time::OffsetDateTime) {
     );
 }
 
-fn main() -> anyhow::Result<()> {
+/// The `ztunnel` command line: every subcommand, and the CNI plugin when run as
+/// `ambit-cni`.
+pub fn main() -> anyhow::Result<()> {
     // Runtimes call a CNI plugin by file name with no arguments, and read only its stdout.
     if std::env::args_os()
         .next()
@@ -360,8 +372,13 @@ fn main() -> anyhow::Result<()> {
             identity,
             out,
             ttl,
+            allow_foreign_trust_domain,
         }) => {
             let ca = LocalCa::load(&CaPaths::new(&dir))?;
+            if !allow_foreign_trust_domain {
+                ca.check_own_trust_domain(&identity)
+                    .context("pass --allow-foreign-trust-domain to sign it anyway")?;
+            }
             let issued = ca.issue(&identity, ttl)?;
             ca::write_issued(&out, &issued)?;
             println!(
