@@ -89,6 +89,10 @@ const MAX_RECEIVED: usize = 64 * 1024;
     about = "Test workloads for Ambit's simulated cluster"
 )]
 struct Cli {
+    /// Parse the arguments, then exit 0 without doing anything (the manifest tests run
+    /// every container's command line through it).
+    #[arg(long, global = true, hide = true)]
+    check_args: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -264,6 +268,10 @@ impl Prng {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.check_args {
+        println!("ambit-testapp: arguments accepted");
+        return ExitCode::SUCCESS;
+    }
     raise_nofile_limit();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -31,10 +31,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# kubectl renders the manifests (`kubectl kustomize`) for tests/scenarios/manifests.rs and
+# manifest_args.rs. These machines ship the `kubectl` package (v1.32, with kustomize v5);
+# Debian's own `kubernetes-client` is v1.20, whose kustomize is too old for deploy/.
+if ! command -v kubectl >/dev/null 2>&1; then
+  echo "setup-host: installing kubectl"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  if ! apt-get install -y -qq --no-install-recommends kubectl >/dev/null; then
+    echo "setup-host: kubectl (1.32 or newer) is not installable from this machine's apt sources;" \
+      "install it and re-run (the manifest tests fail under CI=true without it)" >&2
+    exit 1
+  fi
+fi
+
 # Offline validation of the Kubernetes manifests (tests/scripts/validate-manifests.sh):
 # kubernetes-validate (Kubernetes' OpenAPI schemas), jsonschema (our CRDs' schemas) and
 # cel-python (the CRDs' CEL rules), from PyPI. Pinned, so a new release can't change what
-# CI accepts. kubectl itself is not installed here: these machines ship it.
+# CI accepts.
 py_packages=(kubernetes-validate==1.37.0 "jsonschema>=4.18,<5" "pyyaml>=6,<7" cel-python==0.5.0)
 if ! python3 -c 'import kubernetes_validate, jsonschema, yaml, celpy' 2>/dev/null; then
   echo "setup-host: installing ${py_packages[*]} (pip)"

@@ -40,7 +40,7 @@ if [ -z "$kubectl" ]; then
 fi
 [ -n "$kubectl" ] && [ -x "$kubectl" ] ||
   missing "kubectl (v$k8s_version, expected at /usr/bin/kubectl or in PATH, or named by \$KUBECTL)" \
-    "install kubectl $k8s_version (setup-host.sh does not: these machines ship it)"
+    "$setup_hint"
 # The console script, or the module when pip put the script outside PATH.
 if command -v kubernetes-validate >/dev/null 2>&1; then
   kv=(kubernetes-validate)

@@ -42,6 +42,10 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "AMBIT_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Parse and check the arguments, then exit 0 without doing anything (the manifest
+    /// tests run every container's command line through it).
+    #[arg(long, global = true, hide = true)]
+    check_args: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -190,10 +194,10 @@ struct RunArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // Logs to stderr, filtered by `RUST_LOG` (default `info`).
-    ambit_shared::logging::init(matches!(cli.log_format, LogFormat::Json));
+    let check_only = cli.check_args;
     let Command::Run(args) = cli.command;
-    ambit_shared::rlimit::raise_fd_limit();
+    // Everything below up to the settings only reads the arguments: `--check-args` stops
+    // once they are built.
     let signer = ambit_shared::signer::client::SignerConfig::from_flags(
         args.signer,
         args.signer_ca.clone(),
@@ -266,6 +270,14 @@ fn main() -> anyhow::Result<()> {
         },
         max_metric_series: args.max_metric_series.max(1),
     };
+    ambit_shared::identity::validate_component("namespace", &settings.namespace)?;
+    if check_only {
+        println!("waypoint: arguments accepted");
+        return Ok(());
+    }
+    // Logs to stderr, filtered by `RUST_LOG` (default `info`).
+    ambit_shared::logging::init(matches!(cli.log_format, LogFormat::Json));
+    ambit_shared::rlimit::raise_fd_limit();
     // On one core (a CPU limit of 1, or an affinity of one CPU) the current-thread scheduler
     // serves better than a one-worker multi-thread one: it runs woken tasks in turn, so an
     // HTTP/2 connection's task runs after all the streams that queued frames on it and

@@ -24,6 +24,7 @@ mod dns;
 mod enroll;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+mod kubepods;
 mod metrics;
 mod proxy;
 mod signer;
@@ -38,6 +39,10 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "AMBIT_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Parse and check the arguments, then exit 0 without doing anything (the manifest
+    /// tests run every container's command line through it).
+    #[arg(long, global = true, hide = true)]
+    check_args: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -125,7 +130,7 @@ struct SignerArgs {
 }
 
 /// Where certificates come from when not from the local CA.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 struct SignerClientArgs {
     /// Obtain workload certificates from the central signer at this URL
     /// (e.g. https://ambit-signer.ambit-system.svc:15012) instead of the local CA.
@@ -178,9 +183,11 @@ struct RunArgs {
     ca_dir: Option<PathBuf>,
     #[command(flatten)]
     signer: SignerClientArgs,
-    /// cgroup v2 directory whose processes are captured (kubepods on a real node).
+    /// cgroup v2 directory whose processes are captured. Default: the kubelet's pod cgroup
+    /// (`kubepods.slice` with the systemd driver, `kubepods` with cgroupfs) under the
+    /// cgroup2 mount found in /proc/self/mountinfo; an error if there is none or several.
     #[arg(long)]
-    cgroup: PathBuf,
+    cgroup: Option<PathBuf>,
     /// bpffs directory where this node's maps and links are pinned.
     #[arg(long, default_value = "/sys/fs/bpf/ambit")]
     bpffs: PathBuf,
@@ -335,6 +342,48 @@ fn print_cert(what: &str, c: &CertInfo, now: time::OffsetDateTime) {
     );
 }
 
+/// `--node-tunnel` values as `(namespace, service account)`.
+fn node_tunnels(flags: &[String]) -> anyhow::Result<std::collections::BTreeSet<(String, String)>> {
+    flags
+        .iter()
+        .map(|nt| {
+            nt.split_once('/')
+                .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty())
+                .map(|(ns, sa)| (ns.to_string(), sa.to_string()))
+                .with_context(|| format!("--node-tunnel {nt:?}: expected namespace/name"))
+        })
+        .collect()
+}
+
+/// `--check-args`: the checks a subcommand makes of its arguments before it touches
+/// anything (files, sockets, the kernel, the API server). What only the node can tell, such
+/// as the kubepods cgroup or the files named, is not checked.
+fn check_args(command: &Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run(args) => {
+            args.signer
+                .clone()
+                .config(args.ca_dir.as_deref())
+                .context("--signer")?;
+            Source::from_flags(
+                args.config_source,
+                args.config.clone(),
+                args.kube_url.clone(),
+                args.trust_domain.clone(),
+                None,
+            )?;
+            ambit_shared::identity::validate_component("trust domain", &args.trust_domain)?;
+            anyhow::ensure!(!args.node.is_empty(), "--node (NODE_NAME) is empty");
+        }
+        Command::Signer(args) => {
+            node_tunnels(&args.node_tunnels)?;
+            ambit_shared::identity::validate_component("trust domain", &args.trust_domain)?;
+        }
+        Command::Ca(_) | Command::Cni | Command::CniInstall { .. } => {}
+    }
+    Ok(())
+}
+
 /// The `ztunnel` command line: every subcommand, and the CNI plugin when run as
 /// `ambit-cni`.
 pub fn main() -> anyhow::Result<()> {
@@ -347,6 +396,11 @@ pub fn main() -> anyhow::Result<()> {
         std::process::exit(cni::plugin::main());
     }
     let cli = Cli::parse();
+    if cli.check_args {
+        check_args(&cli.command)?;
+        println!("ztunnel: arguments accepted");
+        return Ok(());
+    }
     if matches!(cli.command, Command::Cni) {
         std::process::exit(cni::plugin::main());
     }
@@ -457,14 +511,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Signer(args) => {
             let args = *args;
             ambit_shared::rlimit::raise_fd_limit();
-            let mut node_tunnels = std::collections::BTreeSet::new();
-            for nt in &args.node_tunnels {
-                let (ns, sa) = nt
-                    .split_once('/')
-                    .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty())
-                    .with_context(|| format!("--node-tunnel {nt:?}: expected namespace/name"))?;
-                node_tunnels.insert((ns.to_string(), sa.to_string()));
-            }
+            let node_tunnels = node_tunnels(&args.node_tunnels)?;
             ambit_shared::identity::validate_component("trust domain", &args.trust_domain)?;
             let settings = signer::Settings {
                 listen: args.listen,
@@ -505,6 +552,14 @@ pub fn main() -> anyhow::Result<()> {
             let args = *args;
             ambit_shared::rlimit::raise_fd_limit();
             let signer = args.signer.config(args.ca_dir.as_deref())?;
+            let cgroup = match args.cgroup {
+                Some(path) => path,
+                None => {
+                    let found = kubepods::detect().context("finding the cgroup to capture")?;
+                    tracing::info!(cgroup = %found.display(), "found the kubelet's pod cgroup");
+                    found
+                }
+            };
             let settings = app::Settings {
                 source: Source::from_flags(
                     args.config_source,
@@ -516,7 +571,7 @@ pub fn main() -> anyhow::Result<()> {
                 node: args.node,
                 ca_dir: args.ca_dir.unwrap_or_default(),
                 signer,
-                cgroup: args.cgroup,
+                cgroup,
                 bpffs: args.bpffs,
                 netns_dir: args.netns_dir,
                 cert_ttl: args.cert_ttl,
