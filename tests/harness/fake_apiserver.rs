@@ -1,5 +1,7 @@
 //! A fake Kubernetes API server: `list` and `watch` over plain HTTP/1.1 with real
-//! resourceVersion semantics, enough for kube-rs watchers.
+//! resourceVersion semantics, enough for kube-rs watchers; `get` of one object, `create`
+//! (`POST`, 409 AlreadyExists when it exists) and `replace` (`PUT`, 409 Conflict on a stale
+//! resourceVersion), enough for the signer's CA Secret and trust-bundle ConfigMap.
 //!
 //! - One global, monotonically increasing resourceVersion; every write bumps it.
 //! - `list` returns the objects and `metadata.resourceVersion`.
@@ -26,7 +28,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use parking_lot::Mutex;
@@ -55,6 +57,20 @@ const KINDS: &[Kind] = &[
         resource: "namespaces",
         kind: "Namespace",
         namespaced: false,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        resource: "secrets",
+        kind: "Secret",
+        namespaced: true,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        resource: "configmaps",
+        kind: "ConfigMap",
+        namespaced: true,
     },
     Kind {
         group: "",
@@ -198,6 +214,9 @@ struct Shared {
     requests: Mutex<Vec<String>>,
     /// Resources answered with 404.
     unserved: Mutex<Vec<String>>,
+    /// Stored just before the next create of the same object is handled, which then gets
+    /// 409 AlreadyExists: another client winning a create race.
+    race_next_create: Mutex<Option<Value>>,
 }
 
 /// A running fake API server; stops on drop.
@@ -221,6 +240,7 @@ impl FakeApiServer {
             counters: Counters::default(),
             requests: Mutex::new(Vec::new()),
             unserved: Mutex::new(Vec::new()),
+            race_next_create: Mutex::new(None),
         });
         let (stop_tx, stop_rx) = oneshot::channel();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -268,60 +288,15 @@ impl FakeApiServer {
 
     /// Creates or replaces an object (`apiVersion`, `kind`, `metadata.name` required);
     /// returns its new resourceVersion.
-    pub fn apply(&self, mut object: Value) -> Result<u64> {
-        let api_version = object["apiVersion"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let kind_name = object["kind"].as_str().unwrap_or_default().to_string();
-        let Some(kind) = Kind::by_type(&api_version, &kind_name) else {
-            bail!("the fake API server does not serve {api_version} {kind_name}");
-        };
-        let name = object
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .context("metadata.name is required")?
-            .to_string();
-        let namespace = if kind.namespaced {
-            object
-                .pointer("/metadata/namespace")
-                .and_then(Value::as_str)
-                .unwrap_or("default")
-                .to_string()
-        } else {
-            String::new()
-        };
-        let mut st = self.shared.state.lock();
-        st.rv += 1;
-        let rv = st.rv;
-        let key: Key = (kind.resource, namespace.clone(), name.clone());
-        let existing = st.objects.get(&key).cloned();
-        let meta = object
-            .as_object_mut()
-            .context("an object is a JSON object")?
-            .entry("metadata")
-            .or_insert_with(|| json!({}));
-        meta["resourceVersion"] = json!(rv.to_string());
-        if kind.namespaced {
-            meta["namespace"] = json!(namespace);
-        }
-        let (uid, created) = match &existing {
-            Some(old) => (
-                old.pointer("/metadata/uid").cloned(),
-                old.pointer("/metadata/creationTimestamp").cloned(),
-            ),
-            None => (None, None),
-        };
-        meta["uid"] = uid.unwrap_or_else(|| json!(format!("uid-{rv}")));
-        meta["creationTimestamp"] = created.unwrap_or_else(|| json!("2026-01-01T00:00:00Z"));
-        let ty = if existing.is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        st.objects.insert(key, object.clone());
-        st.record(ty, kind, namespace, object);
-        Ok(rv)
+    pub fn apply(&self, object: Value) -> Result<u64> {
+        store(&self.shared, object).map(|(rv, _)| rv)
+    }
+
+    /// Makes the next create (`POST`) of the same object lose a race: `object` is stored
+    /// first, as if another client had created it a moment earlier, and the request gets
+    /// 409 AlreadyExists.
+    pub fn race_next_create(&self, object: Value) {
+        *self.shared.race_next_create.lock() = Some(object);
     }
 
     /// Changes an existing object in place (e.g. its labels) and stores it as a new version.
@@ -443,6 +418,63 @@ impl Drop for FakeApiServer {
     }
 }
 
+/// Creates or replaces an object; its new resourceVersion and the stored object.
+fn store(shared: &Shared, mut object: Value) -> Result<(u64, Value)> {
+    let api_version = object["apiVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let kind_name = object["kind"].as_str().unwrap_or_default().to_string();
+    let Some(kind) = Kind::by_type(&api_version, &kind_name) else {
+        bail!("the fake API server does not serve {api_version} {kind_name}");
+    };
+    let name = object
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .context("metadata.name is required")?
+        .to_string();
+    let namespace = if kind.namespaced {
+        object
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string()
+    } else {
+        String::new()
+    };
+    let mut st = shared.state.lock();
+    st.rv += 1;
+    let rv = st.rv;
+    let key: Key = (kind.resource, namespace.clone(), name.clone());
+    let existing = st.objects.get(&key).cloned();
+    let meta = object
+        .as_object_mut()
+        .context("an object is a JSON object")?
+        .entry("metadata")
+        .or_insert_with(|| json!({}));
+    meta["resourceVersion"] = json!(rv.to_string());
+    if kind.namespaced {
+        meta["namespace"] = json!(namespace);
+    }
+    let (uid, created) = match &existing {
+        Some(old) => (
+            old.pointer("/metadata/uid").cloned(),
+            old.pointer("/metadata/creationTimestamp").cloned(),
+        ),
+        None => (None, None),
+    };
+    meta["uid"] = uid.unwrap_or_else(|| json!(format!("uid-{rv}")));
+    meta["creationTimestamp"] = created.unwrap_or_else(|| json!("2026-01-01T00:00:00Z"));
+    let ty = if existing.is_some() {
+        "MODIFIED"
+    } else {
+        "ADDED"
+    };
+    st.objects.insert(key, object.clone());
+    st.record(ty, kind, namespace, object.clone());
+    Ok((rv, object))
+}
+
 // === impl State ===
 
 impl State {
@@ -492,7 +524,7 @@ async fn accept_loop(
                 conns.spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(handle(&shared, req)) }
+                        async move { Ok::<_, Infallible>(serve(&shared, req).await) }
                     });
                     let io = hyper_util::rt::TokioIo::new(stream);
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -549,17 +581,157 @@ fn not_found(what: &str) -> Response<Reply> {
     )
 }
 
-fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Reply> {
-    if req.method() != hyper::Method::GET {
-        return json_reply(
+/// Where a request path points: the kind, the namespace and the object's name, if any.
+struct Route {
+    kind: &'static Kind,
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+/// `/api/v1/[namespaces/<ns>/]<resource>[/<name>]` or the same under `/apis/<g>/<v>/`.
+#[allow(clippy::result_large_err)]
+fn route(shared: &Shared, path: &str) -> Result<Route, Response<Reply>> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest) = match parts.as_slice() {
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return Err(not_found(path)),
+    };
+    let (namespace, resource, name) = match rest {
+        [r] => (None, *r, None),
+        ["namespaces", ns, r] => (Some(ns.to_string()), *r, None),
+        ["namespaces", ns, r, n] => (Some(ns.to_string()), *r, Some(n.to_string())),
+        _ => return Err(not_found(path)),
+    };
+    let Some(kind) = Kind::by_path(group, version, resource) else {
+        return Err(not_found(path));
+    };
+    if shared.unserved.lock().iter().any(|r| r == resource) {
+        return Err(not_found(path));
+    }
+    Ok(Route {
+        kind,
+        namespace,
+        name,
+    })
+}
+
+/// GETs are answered from the store; creates (`POST`) and replaces (`PUT`) write to it.
+async fn serve(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Reply> {
+    if req.method() == hyper::Method::GET {
+        return handle(shared, req);
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    shared
+        .requests
+        .lock()
+        .push(format!("{method} {}", req.uri()));
+    let body = match http_body_util::Limited::new(req.into_body(), 1 << 20)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return json_reply(
+                StatusCode::BAD_REQUEST,
+                &status(400, "BadRequest", &format!("reading the body: {e}")),
+            );
+        }
+    };
+    let route = match route(shared, &path) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let object: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return json_reply(
+                StatusCode::BAD_REQUEST,
+                &status(400, "BadRequest", &format!("the body is not JSON: {e}")),
+            );
+        }
+    };
+    write(shared, &method, route, object)
+}
+
+fn write(
+    shared: &Shared,
+    method: &hyper::Method,
+    route: Route,
+    mut object: Value,
+) -> Response<Reply> {
+    let bad = |msg: String| json_reply(StatusCode::BAD_REQUEST, &status(400, "BadRequest", &msg));
+    let kind = route.kind;
+    if object["kind"] != kind.kind || object["apiVersion"] != kind.api_version().as_str() {
+        return bad(format!(
+            "the body is not a {} {}",
+            kind.api_version(),
+            kind.kind
+        ));
+    }
+    let Some(name) = object["metadata"]["name"].as_str().map(str::to_string) else {
+        return bad("metadata.name is required".into());
+    };
+    let namespace = route.namespace.clone().unwrap_or_default();
+    if kind.namespaced {
+        object["metadata"]["namespace"] = json!(namespace);
+    }
+    let key: Key = (kind.resource, namespace.clone(), name.clone());
+    let what = format!("{} \"{name}\"", kind.resource);
+    match (method, route.name) {
+        (&hyper::Method::POST, None) => {
+            if let Some(winner) = shared.race_next_create.lock().take()
+                && winner["metadata"]["name"] == name.as_str()
+            {
+                let _ = store(shared, winner);
+            }
+            if shared.state.lock().objects.contains_key(&key) {
+                return json_reply(
+                    StatusCode::CONFLICT,
+                    &status(409, "AlreadyExists", &format!("{what} already exists")),
+                );
+            }
+            match store(shared, object) {
+                Ok((_, stored)) => json_reply(StatusCode::CREATED, &stored),
+                Err(e) => bad(format!("{e:#}")),
+            }
+        }
+        (&hyper::Method::PUT, Some(path_name)) if path_name == name => {
+            let current = shared.state.lock().objects.get(&key).cloned();
+            let Some(current) = current else {
+                return not_found(&what);
+            };
+            let sent = &object["metadata"]["resourceVersion"];
+            if !sent.is_null() && *sent != current["metadata"]["resourceVersion"] {
+                return json_reply(
+                    StatusCode::CONFLICT,
+                    &status(
+                        409,
+                        "Conflict",
+                        &format!(
+                            "Operation cannot be fulfilled on {what}: the object has been modified; please apply your changes to the latest version and try again"
+                        ),
+                    ),
+                );
+            }
+            match store(shared, object) {
+                Ok((_, stored)) => json_reply(StatusCode::OK, &stored),
+                Err(e) => bad(format!("{e:#}")),
+            }
+        }
+        _ => json_reply(
             StatusCode::METHOD_NOT_ALLOWED,
             &status(
                 405,
                 "MethodNotAllowed",
-                "the fake API server is read-only over HTTP",
+                "the fake API server creates with POST on a collection and replaces with PUT on an object",
             ),
-        );
+        ),
     }
+}
+
+fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Reply> {
     let path = req.uri().path().to_string();
     shared.requests.lock().push(req.uri().to_string());
     let query: BTreeMap<String, String> = req
@@ -572,23 +744,20 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Reply> {
             (k.to_string(), percent_decode(v))
         })
         .collect();
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    // /api/v1/[namespaces/<ns>/]<resource>  or  /apis/<g>/<v>/[namespaces/<ns>/]<resource>
-    let (group, version, rest) = match parts.as_slice() {
-        ["api", v, rest @ ..] => ("", *v, rest),
-        ["apis", g, v, rest @ ..] => (*g, *v, rest),
-        _ => return not_found(&path),
+    let Route {
+        kind,
+        namespace,
+        name: one,
+    } = match route(shared, &path) {
+        Ok(r) => r,
+        Err(resp) => return resp,
     };
-    let (namespace, resource) = match rest {
-        [r] => (None, *r),
-        ["namespaces", ns, r] => (Some(ns.to_string()), *r),
-        _ => return not_found(&path),
-    };
-    let Some(kind) = Kind::by_path(group, version, resource) else {
-        return not_found(&path);
-    };
-    if shared.unserved.lock().iter().any(|r| r == resource) {
-        return not_found(&path);
+    if let Some(one) = one {
+        let key: Key = (kind.resource, namespace.unwrap_or_default(), one.clone());
+        return match shared.state.lock().objects.get(&key) {
+            Some(obj) => json_reply(StatusCode::OK, obj),
+            None => not_found(&format!("{} \"{one}\"", kind.resource)),
+        };
     }
     let name = query
         .get("fieldSelector")

@@ -14,7 +14,8 @@ It checks:
   CRD's x-kubernetes-validations rules evaluated with cel-python (when installed).
 * Gateway API objects: against the hand-written subset schema next to this script.
 * Deploy invariants: no privileged container, no Role/ClusterRole reading Secrets except
-  the signer's Role for its own CA Secret, and that CA Secret mounted by the signer only.
+  the signer's Role for its own CA Secret (which may also create it), and that CA Secret
+  mounted by the signer only, if at all.
 
 Usage: validate_manifests.py --crd-fallback DIR --unknown-kinds FILE LABEL=RENDERED.yaml...
 Prints one `ERROR <label>: <kind> <namespace>/<name>: <field>: <reason>` line per problem
@@ -379,10 +380,14 @@ def check_invariants(label, obj, rep: Report) -> None:
             resources = set(r.get("resources") or [])
             if not resources & {"secrets", "*"}:
                 continue
+            # The signer's Role: get its CA Secret by name, and create it on the first
+            # start (RBAC cannot restrict create by name).
+            verbs = set(r.get("verbs") or [])
             own_ca = (obj.get("kind") == "Role" and meta.get("namespace") == "ambit-system"
                       and meta.get("name") == "ambit-signer-ca"
-                      and r.get("resourceNames") == ["ambit-signer-ca"]
-                      and set(r.get("verbs") or []) <= {"get", "watch"})
+                      and resources == {"secrets"}
+                      and ((r.get("resourceNames") == ["ambit-signer-ca"] and verbs <= {"get", "watch"})
+                           or (not r.get("resourceNames") and verbs == {"create"})))
             if not own_ca:
                 rep.error(label, obj, f"rules[{i}].resources",
                           "only the signer's Role may read a Secret, and only ambit-signer-ca")

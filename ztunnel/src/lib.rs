@@ -89,8 +89,19 @@ struct SignerArgs {
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
     /// CA directory (from `ztunnel ca init`): issuer, key and bundle; re-read when it changes.
+    /// With --ca-secret the signer writes it (an in-memory emptyDir in the manifests).
     #[arg(long)]
     ca_dir: PathBuf,
+    /// Keep the CA in this Secret (`namespace/name`): at start it is read into --ca-dir, or
+    /// created with a new root and issuer (for --trust-domain) if it does not exist; then
+    /// re-read every 10 s. An existing Secret that is not a usable CA is an error, never
+    /// overwritten.
+    #[arg(long)]
+    ca_secret: Option<signer::bootstrap::ObjectRef>,
+    /// Publish the CA's `bundle.pem` in this ConfigMap (`namespace/name`), created or
+    /// updated as the bundle changes; node tunnels and waypoints mount it (`--signer-ca`).
+    #[arg(long, requires = "ca_secret")]
+    trust_bundle_config_map: Option<signer::bootstrap::ObjectRef>,
     /// Kubernetes API server, for TokenReviews and pod lists (`http://` only for tests).
     #[arg(long, default_value = "https://kubernetes.default.svc")]
     kube_url: String,
@@ -513,6 +524,12 @@ pub fn main() -> anyhow::Result<()> {
             ambit_shared::rlimit::raise_fd_limit();
             let node_tunnels = node_tunnels(&args.node_tunnels)?;
             ambit_shared::identity::validate_component("trust domain", &args.trust_domain)?;
+            let bootstrap = args.ca_secret.map(|secret| signer::bootstrap::Bootstrap {
+                secret,
+                config_map: args.trust_bundle_config_map,
+                ca_dir: args.ca_dir.clone(),
+                trust_domain: args.trust_domain.clone(),
+            });
             let settings = signer::Settings {
                 listen: args.listen,
                 ca_dir: args.ca_dir,
@@ -526,6 +543,7 @@ pub fn main() -> anyhow::Result<()> {
                 serving_ips: args.serving_ips,
                 admission: args.admission.limits(),
                 max_connections_per_source: args.max_connections_per_source.max(1),
+                bootstrap,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

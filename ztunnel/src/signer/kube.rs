@@ -46,6 +46,17 @@ pub enum KubeError {
     BadNode(String),
 }
 
+impl KubeError {
+    /// An error status answered to `what`, with the start of the answer.
+    pub fn status(what: &'static str, status: StatusCode, body: &[u8]) -> KubeError {
+        KubeError::Status {
+            what,
+            status,
+            body: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+        }
+    }
+}
+
 /// Pod lists by node, with when they were fetched.
 type PodCache = HashMap<String, (Instant, Arc<Vec<PodIdentity>>)>;
 
@@ -82,6 +93,28 @@ impl Kube {
         let token = std::fs::read_to_string(path).ok()?;
         let token = token.trim();
         (!token.is_empty()).then(|| token.to_string())
+    }
+
+    /// One request as the signer (its own token), with a JSON body; the status and the
+    /// answer, whatever the status. `what` names the call in errors.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        what: &'static str,
+    ) -> Result<(StatusCode, bytes::Bytes), KubeError> {
+        let body = match body {
+            Some(v) => Some(serde_json::to_vec(&v).map_err(|e| KubeError::Malformed {
+                what,
+                reason: e.to_string(),
+            })?),
+            None => None,
+        };
+        Ok(self
+            .endpoint
+            .send(method, path, self.own_token().as_deref(), body)
+            .await?)
     }
 
     /// Reviews `token`: the outer error is the API server's, the inner one the token's.

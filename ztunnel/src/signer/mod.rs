@@ -66,6 +66,7 @@
 //! Every decision is logged with the caller (service account, node, pod) and identity.
 
 pub mod authz;
+pub mod bootstrap;
 pub mod kube;
 
 use std::collections::BTreeSet;
@@ -152,6 +153,9 @@ pub struct Settings {
     pub admission: admission::Limits,
     /// Connections one source address may hold open.
     pub max_connections_per_source: usize,
+    /// The CA's Secret (and the bundle's ConfigMap), when the CA comes from the API
+    /// ([`bootstrap`]); `None`: `ca_dir` is read as it is.
+    pub bootstrap: Option<bootstrap::Bootstrap>,
 }
 
 struct State {
@@ -166,10 +170,6 @@ struct State {
 
 /// Serves until the process is stopped.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let paths = CaPaths::new(&settings.ca_dir);
-    let ca =
-        LocalCa::load(&paths).context("loading the issuer (create one with `ztunnel ca init`)")?;
-    let roots = read_roots(&paths).context("loading the trust bundle")?;
     let kube_tls = match &settings.kube_ca {
         Some(path) if settings.kube_url.starts_with("https://") => {
             let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -179,6 +179,26 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         _ => None,
     };
     let endpoint = kube::endpoint(&settings.kube_url, kube_tls).context("--kube-url")?;
+    let new_kube = || {
+        Kube::new(
+            endpoint.clone(),
+            settings.kube_token_file.clone(),
+            signer::AUDIENCE.to_string(),
+            POD_CACHE_TTL,
+        )
+    };
+    if let Some(boot) = &settings.bootstrap {
+        let kube = Arc::new(new_kube());
+        let version = boot
+            .start(&kube)
+            .await
+            .with_context(|| format!("bootstrapping the CA from Secret {}", boot.secret))?;
+        tokio::spawn(boot.clone().sync(kube, version));
+    }
+    let paths = CaPaths::new(&settings.ca_dir);
+    let ca =
+        LocalCa::load(&paths).context("loading the issuer (create one with `ztunnel ca init`)")?;
+    let roots = read_roots(&paths).context("loading the trust bundle")?;
     let serving = Arc::new(ServingCert(ArcSwap::from_pointee(serving_cert(
         &ca, &settings,
     )?)));
@@ -187,12 +207,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             trust_domain: settings.trust_domain.clone(),
             node_tunnels: settings.node_tunnels.clone(),
         },
-        kube: Kube::new(
-            endpoint,
-            settings.kube_token_file.clone(),
-            signer::AUDIENCE.to_string(),
-            POD_CACHE_TTL,
-        ),
+        kube: new_kube(),
         ca: ArcSwap::from_pointee(ca),
         roots: ArcSwap::from_pointee(roots),
         in_flight: Semaphore::new(MAX_IN_FLIGHT),
