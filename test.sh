@@ -3,6 +3,8 @@
 # scenarios on simulated clusters (real binaries, real eBPF). Run as root.
 set -euo pipefail
 cd "$(dirname "$0")"
+. tests/scripts/as-root.sh
+as_root "$(pwd)/$(basename "$0")" "$@"
 tests/scripts/setup-host.sh
 cargo fmt --all -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml --all -- --check

@@ -2,15 +2,17 @@
 # Ambit's benchmark suite: installs the tools it drives (if missing), builds the release
 # binaries, and runs `target/release/ambit-bench` with the given arguments, e.g.
 #
-#   sudo tests/bench/run.sh              # L4 then L7: 5 interleaved repetitions each
-#   sudo tests/bench/run.sh --quick      # 1 repetition of 2 s runs, for development
-#   sudo tests/bench/run.sh --suite l7   # only the L7 suite (waypoint, Envoy, nginx)
+#   tests/bench/run.sh              # L4 then L7: 5 interleaved repetitions each
+#   tests/bench/run.sh --quick      # 1 repetition of 2 s runs, for development
+#   tests/bench/run.sh --suite l7   # only the L7 suite (waypoint, Envoy, nginx)
 #
 # The tables go to stdout and to bench-results/bench-<date>.md (l4-/l7- for one suite).
-# Run as root (the simulated cluster needs network namespaces, cgroups and eBPF), on an
-# otherwise idle machine.
+# Run as root (the simulated cluster needs network namespaces, cgroups and eBPF; a non-root
+# user is re-run through sudo), on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. tests/scripts/as-root.sh
+as_root tests/bench/run.sh "$@"
 tests/scripts/setup-host.sh
 
 packages=(

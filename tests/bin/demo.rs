@@ -71,7 +71,9 @@ fn main() -> ExitCode {
             "ambit-demo: cannot build the simulated cluster: {}",
             why.reason
         );
-        eprintln!("ambit-demo: run it as root on Linux with cgroup v2 and BPF: sudo ./demo.sh");
+        eprintln!(
+            "ambit-demo: run ./demo.sh as root (or as a user with sudo) on Linux with cgroup v2 and BPF"
+        );
         return ExitCode::from(1);
     }
     if let Err(e) = preflight() {
