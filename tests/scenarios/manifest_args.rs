@@ -272,7 +272,7 @@ fn check_container(c: &Value, labels: &Value, namespace: &str) -> Result<String>
         .args(&command[1..])
         .args(&args)
         .arg("--check-args");
-    let line = format!("{}", [command.clone(), args].concat().join(" "));
+    let line = [command.clone(), args].concat().join(" ");
     let out = harness::process::run(&mut cmd, Duration::from_secs(30))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() || !stdout.contains("arguments accepted") {
