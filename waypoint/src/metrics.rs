@@ -525,11 +525,16 @@ impl Metrics {
                 .unwrap_or_default(),
             response_flags: o.flags,
         };
-        if !self.own_series(&self.requests, &labels, &self.request_series) {
-            self.fold("requests");
-            labels.peers = PeerLabels::folded();
+        // The common case, a label set seen before, hashes the labels once for the check
+        // and the count together.
+        let counted = self.requests.get(&labels).map(|c| c.inc()).is_some();
+        if !counted {
+            if !self.own_series(&self.requests, &labels, &self.request_series) {
+                self.fold("requests");
+                labels.peers = PeerLabels::folded();
+            }
+            self.requests.get_or_create(&labels).inc();
         }
-        self.requests.get_or_create(&labels).inc();
         self.duration.get_or_create(&labels).observe(o.duration_ms);
         self.request_bytes
             .get_or_create(&labels)

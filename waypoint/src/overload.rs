@@ -153,6 +153,9 @@ pub struct Overload {
     state: Mutex<State>,
     shed: Family<ShedLabels, Counter>,
     in_flight: Family<ResourceLabels, Gauge>,
+    /// The two `in_flight` gauges, indexed by [`Resource::index`], so admitting a request
+    /// looks no label set up.
+    gauges: [Gauge; 2],
 }
 
 /// One stream or request admitted; given back when dropped.
@@ -172,11 +175,20 @@ const ANONYMOUS: &str = "-";
 impl Overload {
     /// Creates the manager and registers its metrics under `ambit_waypoint_overload_`.
     pub fn new(cfg: OverloadConfig, registry: &mut Registry) -> Arc<Self> {
+        let in_flight = Family::<ResourceLabels, Gauge>::default();
+        let gauge = |resource: Resource| {
+            in_flight.get_or_create_owned(&ResourceLabels {
+                resource: resource.as_str(),
+            })
+        };
+        // In `Resource::index` order.
+        let gauges = [Resource::HboneStreams, Resource::Requests].map(gauge);
         let o = Overload {
             cfg,
             state: Mutex::default(),
             shed: Family::default(),
-            in_flight: Family::default(),
+            in_flight,
+            gauges,
         };
         for resource in [Resource::HboneStreams, Resource::Requests] {
             for scope in [Scope::Global, Scope::Identity] {
@@ -185,9 +197,6 @@ impl Overload {
                     scope: scope.as_str(),
                 });
             }
-            let _ = o.in_flight.get_or_create(&ResourceLabels {
-                resource: resource.as_str(),
-            });
         }
         let ambit = registry.sub_registry_with_prefix("ambit");
         ambit.register(
@@ -278,10 +287,8 @@ impl Overload {
         })
     }
 
-    fn gauge(&self, resource: Resource) -> Gauge {
-        self.in_flight.get_or_create_owned(&ResourceLabels {
-            resource: resource.as_str(),
-        })
+    fn gauge(&self, resource: Resource) -> &Gauge {
+        &self.gauges[resource.index()]
     }
 
     fn release(&self, resource: Resource, identity: &Arc<str>) {

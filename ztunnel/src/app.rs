@@ -22,6 +22,7 @@ use tracing::info;
 
 use crate::admin::{self, Readiness};
 use crate::dns::{DnsProxy, DnsSettings};
+use crate::capture::netns::NetnsSearch;
 use crate::enroll::Enroller;
 use crate::metrics::{self, CaptureMetrics, CertMetrics, ConfigReloads, Traffic};
 use crate::proxy::{Gates, ProxyContext};
@@ -46,8 +47,8 @@ pub struct Settings {
     pub cgroup: PathBuf,
     /// bpffs directory for this node's pins.
     pub bpffs: PathBuf,
-    /// Where named network namespaces live.
-    pub netns_dir: PathBuf,
+    /// Where pod network namespaces are looked for.
+    pub netns: NetnsSearch,
     /// Workload certificate lifetime.
     pub cert_ttl: Duration,
     /// HBONE pool tuning.
@@ -153,7 +154,7 @@ pub async fn run(settings: Settings, log: FilterHandle) -> anyhow::Result<()> {
     let dns = DnsProxy::new(&settings.dns, rx.clone()).context("setting up the DNS proxy")?;
     let mut enroller = Enroller::new(
         settings.node.clone(),
-        settings.netns_dir.clone(),
+        settings.netns.clone(),
         capture,
         certs,
         ctx,

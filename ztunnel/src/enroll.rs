@@ -22,7 +22,7 @@ use ambit_shared::identity::Identity;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use crate::capture::netns::Presence;
+use crate::capture::netns::{NetnsSearch, Presence};
 use crate::capture::routing::{self, Sources};
 use crate::capture::{self, FamilyListeners, Netns, PodAddrs, PodListeners};
 use crate::cni;
@@ -57,7 +57,7 @@ impl Drop for RunningPod {
 /// Owns capture state and the per-pod proxy tasks.
 pub struct Enroller {
     node: String,
-    netns_dir: PathBuf,
+    netns: NetnsSearch,
     capture: Capture,
     certs: CertManager,
     ctx: Arc<ProxyContext>,
@@ -85,7 +85,7 @@ impl Enroller {
     /// Creates the enroller; `capture` may hold state adopted from a previous run.
     pub fn new(
         node: String,
-        netns_dir: PathBuf,
+        netns: NetnsSearch,
         capture: Capture,
         certs: CertManager,
         ctx: Arc<ProxyContext>,
@@ -94,7 +94,7 @@ impl Enroller {
     ) -> Self {
         Enroller {
             node,
-            netns_dir,
+            netns,
             capture,
             certs,
             ctx,
@@ -179,7 +179,7 @@ impl Enroller {
             .filter_map(|k| desired.get(*k))
             .flat_map(|(w, _)| w.ips.iter().map(IpAddr::to_canonical))
             .collect();
-        let scan = capture::netns::find_by_ip(&self.netns_dir, &wanted);
+        let scan = capture::netns::find_by_ip(&self.netns, &wanted);
         self.count_lookup_errors(&scan);
         let mut found = scan.found;
         let mut pending = 0;
@@ -256,7 +256,7 @@ impl Enroller {
             return;
         }
         let scan = capture::netns::find_by_ip(
-            &self.netns_dir,
+            &self.netns,
             &stale.iter().flat_map(|p| p.addrs.iter().copied()).collect(),
         );
         self.count_lookup_errors(&scan);
@@ -301,7 +301,7 @@ impl Enroller {
             .iter()
             .filter_map(|k| self.running.get(k)?.pod.primary())
             .collect();
-        let scan = capture::netns::find_by_ip(&self.netns_dir, &wanted);
+        let scan = capture::netns::find_by_ip(&self.netns, &wanted);
         self.count_lookup_errors(&scan);
         for key in uncertain {
             let (Some(running), Some(check)) = (self.running.get(&key), checks.get(&key)) else {

@@ -202,9 +202,14 @@ struct RunArgs {
     /// bpffs directory where this node's maps and links are pinned.
     #[arg(long, default_value = "/sys/fs/bpf/ambit")]
     bpffs: PathBuf,
-    /// Directory of named network namespaces to search for pods (besides /proc).
+    /// Directory of named network namespaces to search for pods (besides --proc-dir).
     #[arg(long, default_value = "/var/run/netns")]
     netns_dir: PathBuf,
+    /// The host's procfs, searched for pods' network namespaces (`<pid>/ns/net`). In a
+    /// container without the host's PID namespace, mount the host's /proc (e.g. at
+    /// /host/proc) and name it here.
+    #[arg(long, default_value = "/proc")]
+    proc_dir: PathBuf,
     /// Workload certificate lifetime, e.g. 24h, 90m.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     cert_ttl: Duration,
@@ -591,7 +596,10 @@ pub fn main() -> anyhow::Result<()> {
                 signer,
                 cgroup,
                 bpffs: args.bpffs,
-                netns_dir: args.netns_dir,
+                netns: capture::netns::NetnsSearch {
+                    netns_dir: args.netns_dir,
+                    proc_dir: args.proc_dir,
+                },
                 cert_ttl: args.cert_ttl,
                 pool: PoolConfig {
                     max_streams_per_conn: args.pool_max_streams.max(1),

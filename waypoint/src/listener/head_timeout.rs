@@ -31,7 +31,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::upstream::body::BoxError;
 
@@ -92,7 +92,15 @@ pub struct TimedHeads<IO> {
     clock: Arc<HeadClock>,
     timeout: Option<Duration>,
     /// The request count when the head's first byte arrived, and its deadline.
-    armed: Option<(u64, Pin<Box<Sleep>>)>,
+    armed: Option<Armed>,
+}
+
+/// A head's deadline. Most heads arrive in one read, so the timer is only created when a
+/// read finds the head incomplete and has to wait.
+struct Armed {
+    started: u64,
+    deadline: Instant,
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for TimedHeads<IO> {
@@ -115,20 +123,29 @@ impl<IO: AsyncRead + Unpin> AsyncRead for TimedHeads<IO> {
         if this
             .armed
             .as_ref()
-            .is_some_and(|(at, _)| *at != started || !awaiting_head)
+            .is_some_and(|a| a.started != started || !awaiting_head)
         {
             this.armed = None;
         }
         match result {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
                 if awaiting_head && this.armed.is_none() {
-                    this.armed = Some((started, Box::pin(tokio::time::sleep(timeout))));
+                    this.armed = Some(Armed {
+                        started,
+                        deadline: Instant::now() + timeout,
+                        timer: None,
+                    });
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
-                if let Some((_, deadline)) = this.armed.as_mut()
-                    && deadline.as_mut().poll(cx).is_ready()
+                if let Some(armed) = this.armed.as_mut()
+                    && armed
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(armed.deadline)))
+                        .as_mut()
+                        .poll(cx)
+                        .is_ready()
                 {
                     this.armed = None;
                     c.fired.store(true, Ordering::Release);

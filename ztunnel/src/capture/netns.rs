@@ -161,14 +161,25 @@ impl Scan {
     }
 }
 
+/// Where pod network namespaces are looked for.
+#[derive(Debug, Clone)]
+pub struct NetnsSearch {
+    /// Named namespaces (`ip netns`, and where container runtimes create pod sandboxes).
+    pub netns_dir: PathBuf,
+    /// A procfs whose `<pid>/ns/net` entries are searched: the host's, so a containerised
+    /// ztunnel mounts it (e.g. at `/host/proc`) because its own `/proc` only shows its own
+    /// PID namespace.
+    pub proc_dir: PathBuf,
+}
+
 /// Finds the namespaces that hold each of `wanted`, looking at named namespaces under
-/// `netns_dir` and at every process's namespace. Namespaces are visited once each (by inode),
+/// `search.netns_dir` and at every process's namespace under `search.proc_dir`. Namespaces are visited once each (by inode),
 /// and our own namespace is skipped, since a pod IP there would be the node's, not a pod's.
 ///
 /// A candidate that vanishes while we look (its process exited), or that we may not open, is
 /// skipped; any other failure is recorded in [`Scan::errors`], so the caller can tell "not
 /// there" from "could not look".
-pub fn find_by_ip(netns_dir: &Path, wanted: &HashSet<IpAddr>) -> Scan {
+pub fn find_by_ip(search: &NetnsSearch, wanted: &HashSet<IpAddr>) -> Scan {
     let mut scan = Scan::default();
     if wanted.is_empty() {
         return scan;
@@ -184,7 +195,7 @@ pub fn find_by_ip(netns_dir: &Path, wanted: &HashSet<IpAddr>) -> Scan {
         }
     };
     let mut seen = HashSet::new();
-    for path in candidates(netns_dir, &mut scan.errors) {
+    for path in candidates(search, &mut scan.errors) {
         let meta = match std::fs::metadata(&path) {
             Ok(meta) => meta,
             Err(source) => {
@@ -326,7 +337,9 @@ pub fn path_still_names(ns: &Netns) -> std::io::Result<bool> {
     }
 }
 
-fn candidates(netns_dir: &Path, errors: &mut Vec<NetnsError>) -> Vec<PathBuf> {
+fn candidates(search: &NetnsSearch, errors: &mut Vec<NetnsError>) -> Vec<PathBuf> {
+    let netns_dir = search.netns_dir.as_path();
+    let proc_dir = search.proc_dir.as_path();
     let mut out = Vec::new();
     match std::fs::read_dir(netns_dir) {
         Ok(entries) => {
@@ -347,7 +360,7 @@ fn candidates(netns_dir: &Path, errors: &mut Vec<NetnsError>) -> Vec<PathBuf> {
             source,
         }),
     }
-    match std::fs::read_dir("/proc") {
+    match std::fs::read_dir(proc_dir) {
         Ok(entries) => {
             for entry in entries {
                 match entry {
@@ -360,14 +373,14 @@ fn candidates(netns_dir: &Path, errors: &mut Vec<NetnsError>) -> Vec<PathBuf> {
                     }
                     Ok(_) => {}
                     Err(source) => errors.push(NetnsError::Open {
-                        path: "/proc".into(),
+                        path: proc_dir.into(),
                         source,
                     }),
                 }
             }
         }
         Err(source) => errors.push(NetnsError::Open {
-            path: "/proc".into(),
+            path: proc_dir.into(),
             source,
         }),
     }
@@ -505,6 +518,10 @@ mod tests {
         let netns_dir = dir.path().join("netns");
         std::fs::create_dir(&netns_dir).expect("mkdir");
         let wanted = HashSet::from([POD_IP]);
+        let search = NetnsSearch {
+            netns_dir: netns_dir.clone(),
+            proc_dir: PathBuf::from("/proc"),
+        };
 
         let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
         setrlimit(Resource::RLIMIT_NOFILE, 64, hard).expect("lower the fd limit");
@@ -518,7 +535,7 @@ mod tests {
                 }
             }
         }
-        let starved = find_by_ip(&netns_dir, &wanted);
+        let starved = find_by_ip(&search, &wanted);
         let check = path_still_names(&ns);
         let verdict = presence(&ns, POD_IP, &check, &starved);
         drop(hog);
@@ -539,7 +556,7 @@ mod tests {
         );
 
         // The control: with descriptors back, the same pod is judged gone.
-        let scan = find_by_ip(&netns_dir, &wanted);
+        let scan = find_by_ip(&search, &wanted);
         assert!(scan.is_complete(), "{:?}", scan.errors);
         assert_eq!(
             presence(&ns, POD_IP, &path_still_names(&ns), &scan),
