@@ -21,8 +21,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
 use crate::admin::{self, Readiness};
-use crate::dns::{DnsProxy, DnsSettings};
 use crate::capture::netns::NetnsSearch;
+use crate::dns::{DnsProxy, DnsSettings};
 use crate::enroll::Enroller;
 use crate::metrics::{self, CaptureMetrics, CertMetrics, ConfigReloads, Traffic};
 use crate::proxy::{Gates, ProxyContext};
